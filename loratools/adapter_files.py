@@ -1,0 +1,103 @@
+"""Adapter files on disk: a PEFT folder (``adapter_model.safetensors`` + ``adapter_config.json``), a bare PEFT
+safetensors file, a kohya / ComfyUI / diffusers-style single file.
+
+Decisions:
+- A bare PEFT file written here carries its ``adapter_config.json`` contents in the safetensors metadata key
+  ``loratools_adapter_config``, so alpha survives without a config file. When reading a bare file without it,
+  an ``adapter_config.json`` beside the file is used; otherwise alpha = rank is assumed and noted.
+- The output layout follows the path: a path ending in ``.safetensors`` is a single file, anything else a
+  PEFT folder. kohya is always a single file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from loratools.adapter import Adapter
+from loratools.checkpoint import open_checkpoint
+from loratools.errors import CheckpointError, FormatError
+from loratools.formats import PEFT_CONFIG_KEY, parse, render_kohya, render_peft
+from loratools.writer import atomic_output, write_safetensors
+
+PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_CONFIG = "adapter_config.json"
+
+
+def adapter_weights_path(path: Path) -> tuple[Path, Path | None]:
+    """(weights file, adapter_config.json or None) for an adapter folder or file."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_dir():
+        for weights in PEFT_WEIGHTS:
+            if (path / weights).is_file():
+                config = path / PEFT_CONFIG
+                return path / weights, config if config.is_file() else None
+        raise CheckpointError(f"{path}: folder holds no {' or '.join(PEFT_WEIGHTS)}; is it a PEFT adapter folder?")
+    sibling = path.parent / PEFT_CONFIG
+    return path, sibling if sibling.is_file() and path.name in PEFT_WEIGHTS else None
+
+
+def load_adapter(path: str | os.PathLike, format: str | None = None) -> Adapter:
+    """Read a PEFT folder or file, a kohya file or a diffusers-style file into an Adapter (format detected).
+
+    Raises CheckpointError for unreadable files and FormatError for invalid keys.
+    """
+    weights, config_path = adapter_weights_path(Path(path))
+    config = None
+    if config_path is not None:
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{config_path}: not valid JSON ({exc})") from None
+    with open_checkpoint(weights) as index:
+        state = {name: index.get(name) for name in index}
+        metadata = index.metadata
+    adapter = parse(state, format=format, config=config, metadata=metadata, source=str(path))
+    if adapter.format == "peft" and "lora_alpha" not in adapter.config:
+        adapter.notes.append("no adapter_config.json: alpha = rank assumed (scale 1.0)")
+    return adapter
+
+
+def save_adapter(
+    adapter: Adapter,
+    out: str | os.PathLike,
+    format: str = "peft",
+    *,
+    inputs: list[str | os.PathLike] = (),
+    force: bool = False,
+    dtype: torch.dtype | None = None,
+    kohya_prefix: str | None = None,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write `adapter` atomically as a PEFT folder / file or a kohya file; returns the written path.
+
+    Args:
+        format: "peft" or "kohya".
+        inputs: paths the output must not overwrite or sit inside.
+        dtype: cast factors (not kohya alphas) to this dtype first.
+        metadata: extra safetensors metadata strings (provenance of the operation).
+    """
+    if format not in ("peft", "kohya"):
+        raise FormatError(f"cannot write format {format!r}; choose peft or kohya")
+    if dtype is not None:
+        adapter = adapter.to(dtype)
+    extra = dict(metadata or {})
+    out = Path(out)
+    if format == "kohya":
+        tensors, kohya_meta = render_kohya(adapter, prefix=kohya_prefix)
+        with atomic_output(out, inputs, force) as tmp:
+            write_safetensors(tensors, tmp, {**kohya_meta, **extra})
+        return out
+    tensors, config = render_peft(adapter)
+    if out.suffix == ".safetensors":
+        with atomic_output(out, inputs, force) as tmp:
+            write_safetensors(tensors, tmp, {**extra, PEFT_CONFIG_KEY: json.dumps(config, sort_keys=True)})
+        return out
+    with atomic_output(out, inputs, force, folder=True) as tmp:
+        write_safetensors(tensors, tmp / PEFT_WEIGHTS[0], extra)
+        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return out

@@ -1,0 +1,268 @@
+"""Read checkpoints lazily: an index of every tensor's name, shape and dtype from headers; tensors on demand.
+
+Opens a Hugging Face model folder (``model.safetensors``, or shards with ``model.safetensors.index.json``,
+or ``pytorch_model.bin`` with or without its index), a folder of ``*.safetensors`` shards without an index,
+or a single ``.safetensors`` / ``.bin`` file. ``.bin`` files are loaded with
+``torch.load(weights_only=True, mmap=True)`` only: nothing is unpickled beyond tensors and plain containers,
+and tensor data stays in the page cache until asked for.
+
+Example:
+    >>> with open_checkpoint("fixtures/llama-base") as ckpt:
+    ...     w = ckpt.get("model.layers.0.self_attn.q_proj.weight")   # (64, 64) float32
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from loratools.errors import CheckpointError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives and what it is, read from headers only."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header without reading tensor data.
+
+    Returns:
+        (tensors by name, ``__metadata__`` strings). Raises CheckpointError for a truncated or corrupt file.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(size - 8, MAX_HEADER_BYTES):
+            raise CheckpointError(
+                f"{path}: corrupt or truncated safetensors header (claims {header_len} bytes, file has {size})"
+            )
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_size = size - 8 - header_len
+    tensors = {}
+    for name, entry in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has an unreadable header entry {entry!r} (unsupported dtype or corrupt file)"
+            ) from None
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: truncated file, tensor {name!r} ends at byte {end} of a {data_size}-byte data section;"
+                " re-download or re-save the checkpoint"
+            )
+        if end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{path}: corrupt header, tensor {name!r} has {end - begin} bytes for shape {shape}")
+        tensors[name] = TensorInfo(name, shape, dtype, path)
+    return tensors, {str(k): str(v) for k, v in metadata.items()}
+
+
+class TensorIndex:
+    """Every tensor of a checkpoint by name, read from headers; `get` loads one tensor at a time.
+
+    Attributes:
+        path: what was opened (file or folder).
+        files: the weight files, in shard order.
+        tensors: TensorInfo by name, in file order.
+        metadata: safetensors ``__metadata__`` of the first file (empty for .bin).
+        config: ``config.json`` next to the weights, when present.
+    """
+
+    def __init__(self, path: Path, files: list[Path], weight_map: dict[str, str] | None = None):
+        self.path = path
+        self.files = files
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        self._handles: dict[Path, object] = {}
+        for number, file in enumerate(files):
+            found, metadata = self._read_file_index(file)
+            if number == 0:
+                self.metadata = metadata
+            for name, info in found.items():
+                if name in self.tensors:
+                    raise CheckpointError(
+                        f"{path}: tensor {name!r} appears in both {self.tensors[name].file.name} and {file.name};"
+                        " remove the stale shard"
+                    )
+                self.tensors[name] = info
+        if weight_map is not None:
+            self._check_weight_map(weight_map)
+        config_path = (path if path.is_dir() else path.parent) / "config.json"
+        self.config: dict | None = None
+        if path.is_dir() and config_path.is_file():
+            try:
+                self.config = json.loads(config_path.read_text())
+            except json.JSONDecodeError as exc:
+                raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+
+    def _read_file_index(self, file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+        if file.suffix == ".safetensors":
+            return read_safetensors_header(file)
+        state = _load_bin(file)
+        self._handles[file] = state
+        return {n: TensorInfo(n, tuple(t.shape), t.dtype, file) for n, t in state.items()}, {}
+
+    def _check_weight_map(self, weight_map: dict[str, str]) -> None:
+        for name, shard in weight_map.items():
+            info = self.tensors.get(name)
+            if info is None or info.file.name != shard:
+                raise CheckpointError(
+                    f"{self.path}: the index maps {name!r} to {shard}, but that shard does not hold it;"
+                    " the index and the shards are out of step"
+                )
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.tensors
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        """Name, shape, dtype and file of one tensor (no data read)."""
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+
+    def get(self, name: str) -> torch.Tensor:
+        """Load one tensor, in its stored dtype, on the CPU."""
+        info = self.info(name)
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
+        if isinstance(handle, dict):
+            return handle[name]
+        try:
+            return handle.get_tensor(name)
+        except Exception as exc:  # safetensors raises its own error types for bad data
+            raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({exc})") from None
+
+    def nbytes(self) -> int:
+        """Total tensor bytes, from headers."""
+        return sum(info.nbytes for info in self.tensors.values())
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __enter__(self) -> TensorIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsafe pickle"
+        raise CheckpointError(
+            f"{file}: refused to unpickle ({first_line}); only plain tensor state dicts load safely,"
+            " convert the file to safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{file}: not a readable PyTorch checkpoint ({exc})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{file}: expected a dict of tensors (a state dict)")
+    return state
+
+
+def _files_from_index(folder: Path, index_name: str) -> tuple[list[Path], dict[str, str]]:
+    index_path = folder / index_name
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{index_path}: not a valid shard index (needs a 'weight_map' object): {exc}") from None
+    files = []
+    for shard in sorted(set(weight_map.values())):
+        shard_path = folder / shard
+        if not shard_path.is_file():
+            raise CheckpointError(f"{index_path}: lists shard {shard}, which is missing from {folder}")
+        files.append(shard_path)
+    return files, weight_map
+
+
+def open_checkpoint(path: str | os.PathLike) -> TensorIndex:
+    """Index a checkpoint file or folder; raises CheckpointError naming the file and what is wrong.
+
+    Folder lookup order: ``model.safetensors.index.json``, ``model.safetensors``,
+    ``pytorch_model.bin.index.json``, ``pytorch_model.bin``, then every ``*.safetensors`` file as shards.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
+            raise CheckpointError(f"{path}: unknown weight file type; expected .safetensors or .bin")
+        return TensorIndex(path, [path])
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        if (path / index_name).is_file():
+            files, weight_map = _files_from_index(path, index_name)
+            return TensorIndex(path, files, weight_map)
+    for single in SINGLE_FILES:
+        if (path / single).is_file():
+            return TensorIndex(path, [path / single])
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        return TensorIndex(path, shards)
+    raise CheckpointError(
+        f"{path}: folder holds no weights (looked for {SAFETENSORS_INDEX}, model.safetensors,"
+        f" {BIN_INDEX}, pytorch_model.bin, *.safetensors)"
+    )
