@@ -1,0 +1,54 @@
+"""Shared test fixtures: paths to the committed fixtures, a CLI runner, small model builders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+LLAMA_BASE = FIXTURES / "llama-base"
+LLAMA_TUNED = FIXTURES / "llama-tuned"
+LLAMA_BASE_BF16 = FIXTURES / "llama-base-bf16"
+LLAMA_TUNED_BF16 = FIXTURES / "llama-tuned-bf16"
+LLAMA_PEFT = FIXTURES / "llama-lora-peft"
+SD_BASE = FIXTURES / "sd-base.safetensors"
+SD_TUNED = FIXTURES / "sd-tuned.safetensors"
+SD_KOHYA = FIXTURES / "sd-lora-kohya.safetensors"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+def run_cli(*args: str, expect: int = 0):
+    """Invoke the loratools CLI in-process; assert the exit code; return the click Result."""
+    from loratools.cli import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == expect, f"exit {result.exit_code}, expected {expect}\n{result.output}"
+    return result
+
+
+def llama_from(folder: Path):
+    """Load a fixture Llama with transformers (fp32, eval mode)."""
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
+    return model.eval()
+
+
+def logits(model, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of a fixed batch of token ids."""
+    if ids is None:
+        ids = torch.arange(2 * 12).reshape(2, 12) % 250 + 3
+    with torch.no_grad():
+        return model(ids).logits
