@@ -118,7 +118,7 @@ class LoraModule:
     def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """ΔW = scale · B · A in the base weight's own layout (`base_shape`), computed in `dtype`."""
         b, a = self.factors(dtype)
-        return base_layout((b * self.scale) @ a, self.kind, self.base_shape)
+        return base_layout((b @ a) * self.scale, self.kind, self.base_shape)
 
     def with_plain_alpha(self) -> LoraModule:
         """The same delta with rslora off (alpha rescaled so that scale = alpha / r)."""
