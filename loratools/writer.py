@@ -10,16 +10,20 @@ Every safetensors file written records ``loratools_version`` in its ``__metadata
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
+import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from loratools import __version__
+from loratools.checkpoint import SAFETENSORS_DTYPES
 from loratools.errors import OutputError
+
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), force: bool = False) -> Path:
@@ -83,6 +87,24 @@ def provenance(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """Write contiguous CPU tensors with provenance metadata (call inside `atomic_output`)."""
-    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    save_file(cpu, str(path), metadata=provenance(metadata))
+    """Write tensors as safetensors with provenance metadata, byte-for-byte deterministic.
+
+    The safetensors library orders ``__metadata__`` by a randomly seeded hash map, so the same inputs would
+    give different bytes in different processes; this writer sorts metadata and tensor names instead and
+    streams one tensor at a time. Call it inside `atomic_output`.
+    """
+    header: dict[str, object] = {"__metadata__": dict(sorted(provenance(metadata).items()))}
+    offset = 0
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for name in sorted(tensors):
+            flat = tensors[name].detach().to("cpu").contiguous().reshape(-1)
+            handle.write(flat.view(torch.uint8).numpy().tobytes())
