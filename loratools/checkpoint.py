@@ -224,8 +224,8 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _files_from_index(folder: Path, index_name: str) -> tuple[list[Path], dict[str, str]]:
-    index_path = folder / index_name
+def _files_from_index(index_path: Path) -> tuple[list[Path], dict[str, str]]:
+    folder = index_path.parent
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -242,8 +242,9 @@ def _files_from_index(folder: Path, index_name: str) -> tuple[list[Path], dict[s
 def open_checkpoint(path: str | os.PathLike) -> TensorIndex:
     """Index a checkpoint file or folder; raises CheckpointError naming the file and what is wrong.
 
-    Folder lookup order: ``model.safetensors.index.json``, ``model.safetensors``,
-    ``pytorch_model.bin.index.json``, ``pytorch_model.bin``, then every ``*.safetensors`` file as shards.
+    Folder lookup order: ``model.safetensors.index.json`` (or any one ``*.safetensors.index.json``, as
+    diffusers names them), ``model.safetensors``, ``pytorch_model.bin.index.json`` (or any one
+    ``*.bin.index.json``), ``pytorch_model.bin``, then every ``*.safetensors`` file as shards.
     """
     path = Path(path)
     if not path.exists():
@@ -252,11 +253,17 @@ def open_checkpoint(path: str | os.PathLike) -> TensorIndex:
         if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
             raise CheckpointError(f"{path}: unknown weight file type; expected .safetensors or .bin")
         return TensorIndex(path, [path])
-    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
-        if (path / index_name).is_file():
-            files, weight_map = _files_from_index(path, index_name)
+    if (path / "adapter_config.json").is_file():
+        raise CheckpointError(f"{path}: this is a PEFT adapter folder, not a model checkpoint; pass the model folder")
+    for preferred, pattern, single in ((SAFETENSORS_INDEX, "*.safetensors.index.json", SINGLE_FILES[0]),
+                                       (BIN_INDEX, "*.bin.index.json", SINGLE_FILES[1])):
+        indexes = [path / preferred] if (path / preferred).is_file() else sorted(path.glob(pattern))
+        if len(indexes) > 1:
+            names = ", ".join(i.name for i in indexes)
+            raise CheckpointError(f"{path}: several shard indexes ({names}); pass the weight file to use")
+        if indexes:
+            files, weight_map = _files_from_index(indexes[0])
             return TensorIndex(path, files, weight_map)
-    for single in SINGLE_FILES:
         if (path / single).is_file():
             return TensorIndex(path, [path / single])
     shards = sorted(path.glob("*.safetensors"))

@@ -168,3 +168,17 @@ def test_index_out_of_step_with_shards(tmp_path):
 def test_unknown_tensor_name(tmp_path):
     with open_checkpoint(SD_BASE) as ckpt, pytest.raises(CheckpointError, match="no tensor named 'x'"):
         ckpt.get("x")
+
+
+def test_diffusers_style_index_name(tmp_path):
+    folder = copy_sharded(tmp_path)
+    (folder / "model.safetensors.index.json").rename(folder / "diffusion_pytorch_model.safetensors.index.json")
+    with open_checkpoint(folder) as ckpt:
+        assert len(ckpt.files) == 2 and len(ckpt) == len(open_checkpoint(LLAMA_BASE_BF16))
+
+
+def test_adapter_folder_is_not_a_checkpoint():
+    from tests.conftest import LLAMA_PEFT
+
+    with pytest.raises(CheckpointError, match="PEFT adapter folder, not a model checkpoint"):
+        open_checkpoint(LLAMA_PEFT)
