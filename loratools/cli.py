@@ -143,4 +143,127 @@ def rank_policy_options(default_rank: int | None = 16) -> Callable:
 # ---- inspect / spectrum / verify (issue 4) -----------------------------------------------------------------
 
 
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    power = 0
+    while power < len(units) - 1 and n >= 1024 ** (power + 1):
+        power += 1
+    return f"{n} B" if power == 0 else f"{n / 1024**power:.1f} {units[power]}"
+
+
+def _key_value_grid(rows: list[tuple[str, str]]):
+    from rich.table import Table
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column(overflow="fold")
+    for key, value in rows:
+        grid.add_row(key, value)
+    return grid
+
+
+def _clip(value: object, width: int = 80) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _render_inspect(report, show_metadata: bool) -> None:
+    from rich.table import Table
+
+    console = stdout_console()
+    hist = "  ".join(f"r={rank}: {count}" for rank, count in report.rank_histogram.items())
+    per_module = "per module (see rows)"
+    shown = len(report.modules)
+    header = [
+        ("adapter", report.source),
+        ("format", report.format),
+        ("base model", report.base_model or "unknown"),
+        ("dtype", ", ".join(report.dtypes) or "-"),
+        ("file size", _human_bytes(report.file_size)),
+        ("parameters", f"{report.num_parameters:,}"),
+        ("modules", f"{report.num_modules}" + (f" ({shown} shown)" if shown < report.num_modules else "")),
+        ("ranks", hist or "-"),
+        ("alpha", per_module if report.alpha is None else f"{report.alpha:g}"),
+        ("scale", per_module if report.scale is None else f"{report.scale:g}"),
+    ]
+    if show_metadata:
+        header += [(key, report.metadata[key]) for key in sorted(report.metadata)]
+        header += [(f"config.{key}", _clip(report.config[key], 10**6)) for key in sorted(report.config)]
+    else:
+        summary = report.metadata_summary()
+        header += [(key, _clip(value)) for key, value in summary.items()]
+        hidden = len(report.metadata) + len(report.config) - len(summary)
+        if hidden > 0:
+            header.append(("", f"{hidden} more metadata / config fields: --metadata shows all"))
+    console.print(_key_value_grid(header))
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    table.add_column("module", overflow="fold")
+    for title in ("kind", "shape", "rank", "alpha", "scale", "‖ΔW‖_F", "σ₁", "eff.rank", "stable", "top¼"):
+        table.add_column(title, justify="left" if title in ("kind", "shape") else "right", no_wrap=True)
+    table.add_column("spectrum", no_wrap=True)
+    from loratools.spectra import sparkline
+
+    for m in report.modules:
+        s = m.stats
+        table.add_row(
+            m.name, m.kind, str(m.shape), str(m.rank), f"{m.alpha:g}", f"{m.scale:.4g}", f"{s.norm:.4g}",
+            f"{s.sigma1:.4g}", f"{s.effective_rank:.2f}", f"{s.stable_rank:.2f}", f"{s.top_quarter_energy:.1%}",
+            sparkline(m.singular_values),
+        )
+    console.print()
+    console.print(table)
+    if report.unsupported:
+        console.print()
+        console.print(_key_value_grid([(f"unsupported, not analysed ({len(report.unsupported)}):", "")]
+                                      + sorted(report.unsupported.items())))
+    if report.full:
+        console.print()
+        console.print(_key_value_grid([(f"full tensors, saved as-is ({len(report.full)}):", "")]
+                                      + [(n, str(s)) for n, s in report.full.items()]))
+    for note in report.notes:
+        console.print(f"note: {note}")
+
+
+@cli.command("inspect")
+@click.argument("adapter", type=click.Path(exists=True))
+@click.option("--sort", type=click.Choice(["name", "norm", "rank"]), default="name", show_default=True,
+              help="Row order: natural name order, or ‖ΔW‖_F / rank descending.")
+@click.option("--filter", "pattern", metavar="REGEX", help="Only modules whose name matches REGEX (re.search).")
+@click.option("--top", type=int, metavar="N", help="Only the first N rows after sorting.")
+@click.option("--metadata", "show_metadata", is_flag=True, help="Print all metadata and config, not a summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of tables.")
+@click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="Also write the spectra as a PNG (needs the plot extra: matplotlib).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def inspect_command(adapter, sort, pattern, top, show_metadata, as_json, plot, quiet) -> None:
+    """Show an adapter's modules, ranks, scales and the exact spectrum of every ΔW.
+
+    ADAPTER is a PEFT folder or file, a kohya file or a diffusers-style file. Spectra come from the factors
+    (never forming ΔW). Effective rank is exp(entropy of σ_i / Σσ); stable rank is ‖ΔW‖²_F / σ₁²; top ¼ is the
+    share of ‖ΔW‖²_F in the first ceil(rank / 4) singular values.
+
+    \b
+    Examples:
+      loratools inspect fixtures/sd-lora-kohya.safetensors
+      loratools inspect out/adapter --sort norm --top 20 --filter mlp
+      loratools inspect out/adapter --json > report.json
+      loratools inspect out/adapter --plot spectra.png
+    """
+    from loratools.inspection import inspect_adapter
+
+    with progress_bar("inspect", quiet) as update:
+        report = inspect_adapter(adapter, sort=sort, pattern=pattern, top=top, progress=update)
+    if plot:
+        from loratools.plot import plot_spectra
+
+        curves = [(m.name, m.singular_values, m.stats.norm**2) for m in report.modules]
+        plot_spectra(curves, plot, title=f"{report.source}: spectra of ΔW = scale·B·A")
+    if as_json:
+        print_json(report.to_json())
+    else:
+        _render_inspect(report, show_metadata)
+
+
 # ---- merge / combine / rescale / resize / convert (issue 5) ------------------------------------------------
