@@ -97,8 +97,11 @@ def progress_bar(description: str, quiet: bool = False) -> Iterator[ProgressCall
         yield update
 
 
-def rank_policy_options(default_rank: int | None = 16) -> Callable:
-    """Decorator adding --rank/--energy/--max-error/--sv-ratio/--threshold/--max-rank; passes ``policy``."""
+def rank_policy_options(default_rank: int | None = 16, required: bool = True) -> Callable:
+    """Decorator adding --rank/--energy/--max-error/--sv-ratio/--threshold/--max-rank; passes ``policy``.
+
+    With ``default_rank=None`` a policy must be given, unless ``required=False`` (then ``policy=None``).
+    """
 
     def decorate(func: Callable) -> Callable:
         @click.option("--rank", "rank", type=int, default=None, help=f"Fixed rank (default {default_rank}).")
@@ -124,6 +127,8 @@ def rank_policy_options(default_rank: int | None = 16) -> Callable:
                 names = ", ".join("--" + k.replace("_", "-") for k in given)
                 raise click.UsageError(f"choose one rank policy, got {names}")
             if not given and default_rank is None:
+                if not required:
+                    return func(*args, policy=None, **kwargs)
                 raise click.UsageError("give a rank policy: --rank, --energy, --max-error, --sv-ratio or --threshold")
             kind, value = next(iter(given.items())) if given else ("rank", default_rank)
             kwargs["policy"] = RankPolicy(kind, value, max_rank)
@@ -267,3 +272,192 @@ def inspect_command(adapter, sort, pattern, top, show_metadata, as_json, plot, q
 
 
 # ---- merge / combine / rescale / resize / convert (issue 5) ------------------------------------------------
+
+DTYPE_CHOICE = click.Choice(["fp32", "fp16", "bf16"])
+
+
+def _torch_dtype(name: str | None):
+    from loratools.writer import OUTPUT_DTYPES
+
+    return OUTPUT_DTYPES[name] if name else None
+
+
+def _render_layers(layers, title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for column in ("module", "kind", "shape"):
+        table.add_column(column)
+    table.add_column("rank", justify="right")
+    table.add_column("rel. error", justify="right")
+    for layer in layers:
+        rank = str(layer.rank_out) if layer.rank_in == layer.rank_out else f"{layer.rank_in} → {layer.rank_out}"
+        shape = "×".join(map(str, layer.shape))
+        table.add_row(layer.name, layer.kind, shape, rank, f"{layer.error:.3e}")
+    stdout_console().print(table)
+
+
+def _render_written(result, as_json: bool, layers_title: str | None = None) -> None:
+    if as_json:
+        print_json(result.to_dict())
+        return
+    if layers_title:
+        _render_layers(result.layers, layers_title)
+    ranks = sorted(set(result.ranks))
+    rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+    line = f"wrote {result.out} ({result.format}, {result.modules} modules, rank {rank_text}, {result.parameters:,} parameters)"
+    if result.layers:
+        line += f"; max relative error {result.max_error:.3e}"
+    click.echo(line)
+    for note in result.notes:
+        click.echo(f"note: {note}")
+
+
+def _output_options(func: Callable) -> Callable:
+    for decorator in reversed((
+        click.option("-o", "--output", "out", required=True, type=click.Path(), help="Where to write."),
+        click.option("--dtype", type=DTYPE_CHOICE, help="Cast the written tensors to this dtype."),
+        click.option("--force", is_flag=True, help="Replace the output if it exists (never an input)."),
+        click.option("--json", "as_json", is_flag=True, help="Print a JSON report instead of text."),
+    )):
+        func = decorator(func)
+    return func
+
+
+@cli.command("merge")
+@click.argument("base", type=click.Path(exists=True))
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
+@_output_options
+@click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight per adapter, in order (default 1).")
+@click.option("--shard-size", metavar="SIZE", help="Re-split into shards of at most SIZE (5GB, 2GiB, 500MB).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def merge_command(base, adapters, out, dtype, force, as_json, weights, shard_size, quiet) -> None:
+    """Merge one or more adapters into BASE and write the full model to OUT.
+
+    BASE is a model folder (sharded or not) or a single checkpoint file; ADAPTER is a PEFT folder or file or a
+    kohya file (its names are resolved against BASE). Each tensor is loaded, summed in fp32 and written on
+    its own, so memory stays near one tensor. The output keeps BASE's dtype and shard files unless --dtype or
+    --shard-size say otherwise; config, tokenizer and other non-weight files are copied.
+
+    \b
+    Examples:
+      loratools merge fixtures/llama-base fixtures/llama-lora-peft -o out/merged
+      loratools merge fixtures/sd-base.safetensors fixtures/sd-lora-kohya.safetensors -o out/sd.safetensors
+      loratools merge base style.safetensors subject -o out/merged -w 0.7 -w 1.0 --dtype bf16 --shard-size 5GB
+    """
+    from loratools.merge import merge
+    from loratools.writer import parse_size
+
+    size = parse_size(shard_size) if shard_size else None
+    with progress_bar("merge", quiet) as update:
+        result = merge(base, adapters, out, list(weights), dtype, size, force, update)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    replaced = f" and {result.replaced} full tensor(s)" if result.replaced else ""
+    click.echo(
+        f"merged {result.modules} LoRA module(s){replaced} from {len(adapters)} adapter(s) into {result.changed} of"
+        f" {result.tensors} tensors → {result.out} ({len(result.files)} file(s), {result.dtype})"
+    )
+    if result.copied:
+        click.echo(f"copied: {', '.join(result.copied)}")
+    if result.skipped:
+        click.echo(f"not copied (weights or folders): {', '.join(result.skipped)}")
+
+
+@cli.command("combine")
+@click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
+@_output_options
+@click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight per adapter, in order (default 1).")
+@click.option("--method", type=click.Choice(["concat", "svd"]), default="concat", show_default=True,
+              help="concat: exact, ranks add. svd: the exact sum recompressed to a rank policy.")
+@rank_policy_options(default_rank=None, required=False)
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), help="Output format (default: the first's).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def combine_command(adapters, out, dtype, force, as_json, weights, method, policy, fmt, quiet) -> None:
+    """Combine adapters into one whose delta is Σ wᵢ·ΔWᵢ.
+
+    --method concat stacks the factors along the rank axis: exact, ranks add. --method svd recompresses the
+    exact sum from the stacked factors (QR + small SVD) to --rank N or another policy (default: each layer's
+    largest input rank) and reports every layer's error against the exact sum. Modules missing from an
+    adapter count as zero there; PEFT and kohya adapters mix. A and B are never averaged separately: that is
+    not the sum of the deltas.
+
+    \b
+    Examples:
+      loratools combine style subject -o both --weight 0.7 --weight 1.0
+      loratools combine a.safetensors b.safetensors -o ab.safetensors --method svd --rank 16
+    """
+    from loratools.operations import combine
+
+    if method == "concat" and policy is not None:
+        raise click.UsageError("rank policies apply to --method svd; concat keeps every rank (exact)")
+    with progress_bar("combine", quiet) as update:
+        result = combine(adapters, out, list(weights), method, policy, fmt, _torch_dtype(dtype), force, update)
+    _render_written(result, as_json, "svd recompression: error against the exact sum" if method == "svd" else None)
+
+
+@cli.command("rescale")
+@click.argument("adapter", type=click.Path(exists=True))
+@_output_options
+@click.option("--scale", type=float, help="Multiply every delta by S (alpha × S, factors unchanged).")
+@click.option("--alpha", type=float, help="Set alpha to A and keep every delta unchanged (B rescaled).")
+def rescale_command(adapter, out, dtype, force, as_json, scale, alpha) -> None:
+    """Scale an adapter's deltas (--scale S) or change its alpha keeping the deltas (--alpha A).
+
+    \b
+    Examples:
+      loratools rescale fixtures/llama-lora-peft -o out/half --scale 0.5
+      loratools rescale fixtures/sd-lora-kohya.safetensors -o out/a1.safetensors --alpha 1
+    """
+    from loratools.operations import rescale
+
+    if (scale is None) == (alpha is None):
+        raise click.UsageError("give exactly one of --scale or --alpha")
+    _render_written(rescale(adapter, out, scale, alpha, _torch_dtype(dtype), force), as_json)
+
+
+@cli.command("resize")
+@click.argument("adapter", type=click.Path(exists=True))
+@_output_options
+@rank_policy_options(default_rank=None)
+@click.option("--report", type=click.Path(dir_okay=False), metavar="FILE.json", help="Also write the report as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def resize_command(adapter, out, dtype, force, as_json, policy, report, quiet) -> None:
+    """Truncate every module optimally (factor SVD) to a new rank, keeping its scale.
+
+    Each module's delta is decomposed from its factors (QR + small SVD, no dense ΔW) and cut to the rank the
+    policy picks; alpha is set so alpha / rank stays the same. The table gives each layer's relative
+    Frobenius error, the smallest any rank-k adapter can have.
+
+    \b
+    Examples:
+      loratools resize fixtures/llama-lora-peft -o out/r2 --rank 2
+      loratools resize fixtures/sd-lora-kohya.safetensors -o out/sd-e.safetensors --energy 0.99 --report r.json
+    """
+    from loratools.operations import resize
+
+    with progress_bar("resize", quiet) as update:
+        result = resize(adapter, out, policy, _torch_dtype(dtype), force, report, update)
+    _render_written(result, as_json, "resize: relative Frobenius error per layer (optimal for its rank)")
+
+
+@cli.command("convert")
+@click.argument("adapter", type=click.Path(exists=True))
+@_output_options
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), required=True, help="Output format.")
+@click.option("--prefix", help="kohya key prefix, e.g. lora_unet_ (default: from each module's namespace).")
+@click.option("--base", type=click.Path(exists=True), help="The model the adapter is for (resolves kohya names).")
+def convert_command(adapter, out, dtype, force, as_json, fmt, prefix, base) -> None:
+    """Convert an adapter between PEFT and kohya formats; the deltas stay identical.
+
+    kohya → PEFT needs dotted module names: files written by loratools carry them, others need --base.
+
+    \b
+    Examples:
+      loratools convert fixtures/sd-lora-kohya.safetensors -o out/sd-peft --format peft --base fixtures/sd-base.safetensors
+      loratools convert fixtures/llama-lora-peft -o out/llama.safetensors --format kohya
+    """
+    from loratools.operations import convert
+
+    _render_written(convert(adapter, out, fmt, prefix, base, _torch_dtype(dtype), force), as_json)

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import re
 import shutil
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from loratools import __version__
 from loratools.checkpoint import SAFETENSORS_DTYPES
-from loratools.errors import OutputError
+from loratools.errors import LoratoolsError, OutputError
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -93,18 +96,116 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     give different bytes in different processes; this writer sorts metadata and tensor names instead and
     streams one tensor at a time. Call it inside `atomic_output`.
     """
+    specs = [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in tensors.items()]
+    stream_safetensors(path, specs, lambda spec: tensors[spec.name], metadata)
+
+
+# ---- sharded model writer (issue 5) ----------------------------------------------------------------------
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_INDEX = "model.safetensors.index.json"
+OUTPUT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written, known by name, shape and dtype before its data exists."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def stream_safetensors(
+    path: Path,
+    specs: Iterable[TensorSpec],
+    produce: Callable[[TensorSpec], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a safetensors file from its header up front, asking `produce` for one tensor at a time.
+
+    Peak memory is one tensor, however large the file. Tensors are written in name order and metadata is
+    sorted, so the bytes are deterministic.
+
+    Args:
+        specs: what the file holds; `produce(spec)` must return a tensor of exactly that shape and dtype.
+        metadata: extra ``__metadata__`` strings (provenance is added).
+    """
+    ordered = sorted(specs, key=lambda spec: spec.name)
     header: dict[str, object] = {"__metadata__": dict(sorted(provenance(metadata).items()))}
     offset = 0
-    for name in sorted(tensors):
-        tensor = tensors[name]
-        nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+    for spec in ordered:
+        header[spec.name] = {
+            "dtype": DTYPE_NAMES[spec.dtype],
+            "shape": list(spec.shape),
+            "data_offsets": [offset, offset + spec.nbytes],
+        }
+        offset += spec.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     with open(path, "wb") as handle:
         handle.write(struct.pack("<Q", len(encoded)))
         handle.write(encoded)
-        for name in sorted(tensors):
-            flat = tensors[name].detach().to("cpu").contiguous().reshape(-1)
-            handle.write(flat.view(torch.uint8).numpy().tobytes())
+        for spec in ordered:
+            tensor = produce(spec).detach().to("cpu")
+            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+                raise ValueError(
+                    f"{spec.name}: produced {tuple(tensor.shape)} {tensor.dtype}, header says {spec.shape} {spec.dtype}"
+                )
+            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def shard_layout(specs: Iterable[TensorSpec], max_bytes: int) -> dict[str, list[TensorSpec]]:
+    """Split tensors, in the given order, into shards of at most `max_bytes` (a larger tensor gets its own).
+
+    Returns:
+        file name -> specs: ``model.safetensors`` for one shard, else ``model-0000i-of-0000n.safetensors``.
+    """
+    groups: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in specs:
+        if groups[-1] and size + spec.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += spec.nbytes
+    if len(groups) == 1:
+        return {MODEL_WEIGHTS: groups[0]}
+    return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": group for i, group in enumerate(groups)}
+
+
+def write_sharded_model(
+    folder: Path,
+    shards: dict[str, list[TensorSpec]],
+    produce: Callable[[TensorSpec], torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """Write a Hugging Face weight layout into `folder`: each shard, plus ``model.safetensors.index.json``
+    (``{"metadata": {"total_size": …}, "weight_map": {tensor: file}}``) when there is more than one.
+
+    Returns:
+        the weight map, tensor name -> file name.
+    """
+    weight_map = {spec.name: file for file, specs in shards.items() for spec in specs}
+    for file, specs in shards.items():
+        stream_safetensors(folder / file, specs, produce, metadata)
+    if len(shards) > 1:
+        total = sum(spec.nbytes for specs in shards.values() for spec in specs)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return weight_map
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes in a size such as ``5GB`` (10⁹), ``2GiB`` (2³⁰), ``500MB`` or a plain number of bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in SIZE_UNITS or float(match.group(1)) * SIZE_UNITS[unit] < 1:
+        raise LoratoolsError(f"shard size {text!r} is not a size; write it like 5GB, 2GiB or 500MB")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])

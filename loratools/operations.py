@@ -1,0 +1,203 @@
+"""Adapter files in, adapter file out: combine, rescale, resize and convert (the math lives in `algebra`).
+
+Each function loads its inputs, calls one algebra function, writes atomically with `save_adapter` (never over
+an input, never over an existing output without ``force``) and returns an `AdapterResult` for the CLI.
+
+Decisions:
+- The output format defaults to the (first) input's format: kohya stays kohya, PEFT and diffusers-style
+  files are written as PEFT. `convert` is the way to change it.
+- Adapters holding modules this tool cannot use (LoHa, LoKr, DoRA …) are refused rather than silently
+  written without them.
+- Every written file records ``loratools_operation`` and ``loratools_inputs`` in its safetensors metadata.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loratools.adapter import Adapter
+from loratools.adapter_files import load_adapter, save_adapter
+from loratools.algebra import LayerReport, Progress, combine_adapters, rescale_adapter, resize_adapter
+from loratools.checkpoint import open_checkpoint
+from loratools.errors import FormatError
+from loratools.formats import KOHYA_PREFIXES, resolve_kohya_names
+from loratools.linalg import RankPolicy
+from loratools.writer import atomic_output
+
+PathLike = str | os.PathLike
+
+
+@dataclass
+class AdapterResult:
+    """What an adapter operation wrote: path, format, size, per-layer reports and notes."""
+
+    out: Path
+    format: str
+    modules: int
+    parameters: int
+    ranks: list[int]
+    layers: list[LayerReport] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def max_error(self) -> float:
+        return max((layer.error for layer in self.layers), default=0.0)
+
+    def to_dict(self) -> dict:
+        return {
+            "out": str(self.out),
+            "format": self.format,
+            "modules": self.modules,
+            "parameters": self.parameters,
+            "ranks": sorted(set(self.ranks)),
+            "max_error": self.max_error,
+            "layers": [layer.to_dict() for layer in self.layers],
+            "notes": self.notes,
+        }
+
+
+def load_usable(path: PathLike) -> Adapter:
+    """`load_adapter`, refusing adapters with modules of an unsupported type (they would be dropped)."""
+    adapter = load_adapter(path)
+    if adapter.unsupported:
+        kinds = sorted(set(adapter.unsupported.values()))
+        names = ", ".join(sorted(adapter.unsupported)[:4]) + (" ..." if len(adapter.unsupported) > 4 else "")
+        raise FormatError(
+            f"{path}: {len(adapter.unsupported)} module(s) of a type loratools cannot use ({', '.join(kinds)}):"
+            f" {names}; they would be lost, so nothing was written"
+        )
+    return adapter
+
+
+def _provenance(operation: str, inputs: Sequence[PathLike], **params: object) -> dict[str, str]:
+    metadata = {"loratools_operation": operation, "loratools_inputs": json.dumps([str(p) for p in inputs])}
+    if params:
+        metadata["loratools_parameters"] = json.dumps(params, sort_keys=True, default=str)
+    return metadata
+
+
+def _write(
+    adapter: Adapter,
+    out: PathLike,
+    format: str,
+    inputs: Sequence[PathLike],
+    force: bool,
+    dtype: torch.dtype | None,
+    metadata: dict[str, str],
+    layers: list[LayerReport] = (),
+    prefix: str | None = None,
+) -> AdapterResult:
+    path = save_adapter(
+        adapter, out, format, inputs=inputs, force=force, dtype=dtype, kohya_prefix=prefix, metadata=metadata
+    )
+    written = adapter.to(dtype) if dtype is not None else adapter
+    return AdapterResult(path, format, len(adapter.modules), written.num_parameters(), adapter.ranks, list(layers),
+                         list(adapter.notes))
+
+
+def _output_format(adapter: Adapter, format: str | None) -> str:
+    return format or ("kohya" if adapter.format == "kohya" else "peft")
+
+
+def combine(
+    adapters: Sequence[PathLike],
+    out: PathLike,
+    weights: Sequence[float] | None = None,
+    method: str = "concat",
+    policy: RankPolicy | None = None,
+    format: str | None = None,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> AdapterResult:
+    """Write Σ wᵢ·ΔWᵢ of several adapter files as one adapter (see `algebra.combine_adapters`).
+
+    Args:
+        adapters: PEFT folders/files and kohya files, in any mix.
+        weights: one per adapter (default 1 each).
+        method: "concat" (exact, ranks add) or "svd" (recompressed; `policy`, default each layer's largest rank).
+        format: "peft" or "kohya" (default: the first adapter's).
+    Example:
+        >>> combine(["style", "subject"], "both", weights=[0.7, 1.0], method="svd", policy=RankPolicy("rank", 16))
+    """
+    loaded = [load_usable(path) for path in adapters]
+    combined, layers = combine_adapters(loaded, weights, method, policy, dtype, progress)
+    metadata = _provenance("combine", adapters, method=method, weights=list(weights or []),
+                           policy=policy.__dict__ if policy else None)
+    return _write(combined, out, _output_format(loaded[0], format), adapters, force, None, metadata, layers)
+
+
+def rescale(
+    adapter: PathLike,
+    out: PathLike,
+    scale: float | None = None,
+    alpha: float | None = None,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+) -> AdapterResult:
+    """Write the adapter with every delta times `scale`, or with alpha set to `alpha` and deltas unchanged."""
+    loaded = load_usable(adapter)
+    rescaled = rescale_adapter(loaded, scale=scale, alpha=alpha)
+    metadata = _provenance("rescale", [adapter], scale=scale, alpha=alpha)
+    return _write(rescaled, out, _output_format(loaded, None), [adapter], force, dtype, metadata)
+
+
+def resize(
+    adapter: PathLike,
+    out: PathLike,
+    policy: RankPolicy,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+    report: PathLike | None = None,
+    progress: Progress | None = None,
+) -> AdapterResult:
+    """Write the adapter with each module optimally truncated to the rank `policy` chooses, scale preserved.
+
+    Args:
+        report: also write the result (per-layer ranks and errors) as JSON to this path.
+    """
+    loaded = load_usable(adapter)
+    resized, layers = resize_adapter(loaded, policy, progress)
+    metadata = _provenance("resize", [adapter], policy=policy.__dict__)
+    result = _write(resized, out, _output_format(loaded, None), [adapter], force, dtype, metadata, layers)
+    if report is not None:
+        with atomic_output(report, [adapter, out], force) as tmp:
+            tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    return result
+
+
+def convert(
+    adapter: PathLike,
+    out: PathLike,
+    format: str,
+    prefix: str | None = None,
+    base: PathLike | None = None,
+    dtype: torch.dtype | None = None,
+    force: bool = False,
+) -> AdapterResult:
+    """Write the adapter in another format with identical deltas.
+
+    Args:
+        format: "peft" or "kohya".
+        prefix: kohya key prefix (default: chosen from each module's namespace).
+        base: the model the adapter is for; resolves kohya stems to the dotted module names PEFT needs.
+    """
+    loaded = load_usable(adapter)
+    if base is not None:
+        with open_checkpoint(base) as index:
+            loaded = resolve_kohya_names(loaded, list(index.tensors))
+    stems = sorted(n for n in loaded.modules if n.startswith(KOHYA_PREFIXES))
+    if format == "peft" and stems:
+        where = f"match no tensor of {base}" if base is not None else "need the model to be resolved"
+        raise FormatError(
+            f"{adapter}: {len(stems)} kohya module name(s) {where} ({', '.join(stems[:3])}"
+            f"{' ...' if len(stems) > 3 else ''}); pass --base with the model the adapter was made for"
+        )
+    metadata = _provenance("convert", [adapter], format=format, prefix=prefix)
+    return _write(loaded, out, format, [adapter], force, dtype, metadata, prefix=prefix)
