@@ -152,3 +152,211 @@ def relative_error(target: torch.Tensor, approx: torch.Tensor) -> float:
     if norm == 0:
         return 0.0 if diff == 0 else math.inf
     return diff / norm
+
+
+# ---- randomized truncated SVD (issue 3) ---------------------------------------------------------------------
+
+CHUNK_ELEMENTS = 1 << 24  # energies are summed over blocks of rows of about this many entries (64 MB in fp32)
+FIRST_SKETCH = 32  # dynamic policies start with this many usable singular values, then double
+
+
+def frobenius_energy(M: torch.Tensor) -> float:
+    """‖M‖²_F accumulated in float64, a block of rows at a time (no full-size float64 copy).
+
+    Args:
+        M: (rows, cols), any floating dtype.
+    Returns:
+        The squared Frobenius norm; inf or nan when M holds non-finite values.
+    """
+    step = max(1, CHUNK_ELEMENTS // max(1, M.shape[-1]))
+    return float(sum(torch.linalg.vector_norm(block, dtype=torch.float64) ** 2 for block in M.split(step)))
+
+
+def residual_energy(M: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> float:
+    """‖M − left·right‖²_F in float64, a block of rows at a time.
+
+    Measured rather than inferred from singular values, so it stays accurate when the residual is tiny.
+
+    Args:
+        M: (rows, cols); left: (rows, r); right: (r, cols), on one device and in one dtype.
+    """
+    step = max(1, CHUNK_ELEMENTS // max(1, M.shape[1]))
+    blocks = zip(M.split(step), left.split(step), strict=True)
+    return float(sum(torch.linalg.vector_norm(b - lb @ right, dtype=torch.float64) ** 2 for b, lb in blocks))
+
+
+def _orthonormal_complement(Y: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of Y's columns after projecting out span(Q) (twice, for stability)."""
+    for _ in range(2):
+        Y = Y - Q @ (Q.T @ Y)
+    return torch.linalg.qr(Y).Q
+
+
+def _grow_range(M: torch.Tensor, Q: torch.Tensor, extra: int, power_iters: int, gen: torch.Generator) -> torch.Tensor:
+    """Q (rows, k) extended to (rows, k + extra) orthonormal columns spanning more of M's dominant range."""
+    omega = torch.randn(M.shape[1], extra, generator=gen, dtype=M.dtype).to(M.device)
+    Y = _orthonormal_complement(M @ omega, Q)
+    for _ in range(power_iters):
+        Z = torch.linalg.qr(M.T @ Y).Q
+        Y = _orthonormal_complement(M @ Z, Q)
+    return torch.cat([Q, Y], dim=1)
+
+
+def _oversample(k: int, oversample: int | None) -> int:
+    return max(10, k) if oversample is None else oversample
+
+
+def randomized_svd(
+    M: torch.Tensor,
+    rank: int,
+    *,
+    oversample: int | None = None,
+    power_iters: int = 3,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Leading singular triplets of M by a seeded randomized range finder (Halko, Martinsson & Tropp 2011).
+
+    Sketches M with rank + oversample Gaussian columns, runs `power_iters` power iterations, each followed by
+    re-orthonormalization, then takes the exact SVD of the small projected matrix Qᵀ·M. When the sketch
+    would be as wide as the matrix, the exact SVD of M is taken instead (same cost).
+
+    Args:
+        M: (rows, cols), any floating dtype and device; computed in `dtype` (float32 or float64).
+        rank: how many triplets to return; clamped to min(rows, cols).
+        oversample: extra sketch columns; default max(10, rank).
+        seed: the Gaussian test matrix is drawn on the CPU from this seed, so results do not depend on device.
+    Returns:
+        U (rows, k), S (k,), Vh (k, cols) with k = min(rank, rows, cols), S descending.
+
+    Example:
+        >>> U, S, Vh = randomized_svd(torch.randn(512, 256), 16)
+        >>> U.shape, S.shape, Vh.shape
+        (torch.Size([512, 16]), torch.Size([16]), torch.Size([16, 256]))
+    """
+    M = M.to(dtype)
+    k = min(rank, *M.shape)
+    if k + _oversample(k, oversample) >= min(M.shape):
+        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+        return U[:, :k], S[:k], Vh[:k]
+    Q = _grow_range(M, M.new_zeros(M.shape[0], 0), k + _oversample(k, oversample), power_iters,
+                    torch.Generator().manual_seed(seed))
+    Ub, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)
+    return Q @ Ub[:, :k], S[:k], Vh[:k]
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """A truncated SVD M ≈ U·diag(S[:rank])·Vh and what it leaves out.
+
+    Attributes:
+        U: (rows, rank) orthonormal columns.
+        S: (k,) every leading singular value computed, k ≥ rank (all min(rows, cols) of them when `complete`).
+        Vh: (rank, cols) orthonormal rows.
+        rank: the rank kept.
+        total_energy: ‖M‖²_F (float64, exact).
+        rel_error: ‖M − U·diag(S)·Vh‖_F / ‖M‖_F, measured (0 for an all-zero M).
+        complete: S holds the whole spectrum (exact SVD).
+        clamped: a fixed rank above min(rows, cols) was asked for and lowered to it.
+    """
+
+    U: torch.Tensor
+    S: torch.Tensor
+    Vh: torch.Tensor
+    rank: int
+    total_energy: float
+    rel_error: float
+    complete: bool
+    clamped: bool = False
+
+    @property
+    def energy(self) -> float:
+        """Fraction of ‖M‖²_F kept: 1 − rel_error²."""
+        return 1.0 - self.rel_error**2
+
+    @property
+    def optimal_rel_error(self) -> float | None:
+        """Eckart–Young error of the best rank-`rank` approximation; None unless the spectrum is complete."""
+        return float(truncation_errors(self.S, self.total_energy)[self.rank]) if self.complete else None
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left (rows, rank), right (rank, cols)) with left·right = U·diag(S)·Vh, √S on each side."""
+        root = self.S[: self.rank].sqrt()
+        return self.U * root, root[:, None] * self.Vh
+
+
+def low_rank(
+    M: torch.Tensor,
+    policy: RankPolicy,
+    *,
+    exact: bool = False,
+    oversample: int | None = None,
+    power_iters: int = 3,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    total_energy: float | None = None,
+) -> LowRank:
+    """The truncated SVD of M at the rank `policy` asks for, by randomized SVD (or exact SVD with `exact`).
+
+    Fixed ranks take one randomized sketch. Dynamic policies never fall back to a full SVD: the energy of M is
+    known exactly, so the sketch grows (32, 64, 128 … usable singular values, capped by ``policy.max_rank``)
+    until `choose_rank` can decide from the values captured so far. A captured value underestimates the true
+    one, so energy and max-error policies may keep one extra rank but always meet their bound, which holds for
+    the measured `rel_error`. A sketch as wide as the matrix is the exact SVD (small layers).
+
+    Args:
+        M: (rows, cols), any floating dtype and device; computed in `dtype` (float32 or float64).
+        policy: the rank policy; a fixed rank above min(rows, cols) is clamped (``clamped`` is set).
+        oversample: extra sketch columns beyond the usable ones; default max(10, usable).
+        power_iters: power iterations per sketch block.
+        seed: seed of the Gaussian test matrices (drawn on the CPU).
+        total_energy: ‖M‖²_F when the caller has it already (see `frobenius_energy`).
+    Returns:
+        A LowRank; rank 0 with empty factors when M is all zeros.
+    Raises:
+        LoratoolsError when M holds inf or nan.
+
+    Example:
+        >>> result = low_rank(delta, RankPolicy("energy", 0.95))
+        >>> B, A = result.factors()          # (rows, r), (r, cols)
+    """
+    M = M.to(dtype)
+    rows, cols = M.shape
+    full = min(rows, cols)
+    total = frobenius_energy(M) if total_energy is None else float(total_energy)
+    if not math.isfinite(total):
+        raise LoratoolsError("the matrix holds non-finite values (inf or nan); a truncated SVD is undefined")
+    clamped = policy.kind == "rank" and policy.value > full
+    if total == 0:
+        return LowRank(M.new_zeros(rows, 0), M.new_zeros(0), M.new_zeros(0, cols), 0, 0.0, 0.0, True, clamped)
+    if policy.kind == "rank" and not exact:
+        k = min(int(policy.value), full)
+        U, S, Vh = randomized_svd(M, k, oversample=oversample, power_iters=power_iters, seed=seed, dtype=dtype)
+        return _finish(M, U, S, Vh, k, total, k + _oversample(k, oversample) >= full, clamped)
+    cap = min(policy.max_rank, full)
+    usable = min(FIRST_SKETCH, cap)
+    gen = torch.Generator().manual_seed(seed)
+    Q = M.new_zeros(rows, 0)
+    while True:
+        width = usable + _oversample(usable, oversample)
+        if exact or width >= full:
+            U, S, Vh = torch.linalg.svd(M, full_matrices=False)
+            rank = choose_rank(S, policy, total)
+            return _finish(M, U, S, Vh, cap if rank is None else rank, total, True, clamped)
+        Q = _grow_range(M, Q, width - Q.shape[1], power_iters, gen)
+        Ub, S, Vh = torch.linalg.svd(Q.T @ M, full_matrices=False)
+        rank = choose_rank(S[:usable], policy, total)
+        if rank is not None:
+            return _finish(M, Q @ Ub[:, :rank], S[:usable], Vh, rank, total, False, clamped)
+        usable = min(2 * usable, cap)
+
+
+def _finish(
+    M: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, total: float, complete: bool,
+    clamped: bool,
+) -> LowRank:
+    U, Vh = U[:, :rank], Vh[:rank]
+    result = LowRank(U, S, Vh, rank, total, 0.0, complete, clamped)
+    left, right = result.factors()
+    error = math.sqrt(min(1.0, residual_energy(M, left, right) / total))
+    return LowRank(U, S, Vh, rank, total, error, complete, clamped)
