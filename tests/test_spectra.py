@@ -54,6 +54,19 @@ def test_factor_spectrum_equals_svdvals_of_dense_delta(module):
     assert all(float(v) <= tol for v in expected[k:])  # nothing beyond the rank
 
 
+def test_factor_spectrum_keeps_small_singular_values_and_handles_zero_factors():
+    gen = torch.Generator().manual_seed(1)
+    u, _ = torch.linalg.qr(torch.randn(300, 8, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(200, 8, generator=gen, dtype=torch.float64))
+    s = torch.logspace(0, -6, 8, dtype=torch.float64)  # six decades
+    module = LoraModule("m", v.T.float(), (u * s).float(), alpha=8.0)
+    expected = torch.linalg.svdvals(module.delta(torch.float64))[:8]
+    got = module_singular_values(module).double()
+    assert float((got - expected).abs().max()) <= 1e-6 * float(expected[0])
+    untrained = LoraModule("z", torch.randn(4, 10, generator=gen), torch.zeros(6, 4), alpha=4.0)  # PEFT's B = 0
+    assert torch.equal(module_singular_values(untrained), torch.zeros(4))
+
+
 def test_effective_rank_uses_sigma_over_sum_of_sigma():
     # p = (3, 1) / 4; exp(-(0.75 ln 0.75 + 0.25 ln 0.25))
     expected = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
