@@ -1,0 +1,236 @@
+"""Pairing base and tuned tensors into extraction ops from names and shapes, and layer-kind detection."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from loratools.checkpoint import TensorIndex, open_checkpoint
+from loratools.errors import LoratoolsError, ShapeError
+from tests.conftest import LLAMA_BASE, LLAMA_TUNED, SD_BASE, SD_TUNED
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def plan_for(base, tuned, **options):
+    from loratools.plan import plan_extract
+
+    with open_checkpoint(base) as b, open_checkpoint(tuned) as t:
+        return plan_extract(b, t, **options)
+
+
+def make_gpt2_pair(folder: Path, *, delta_rank: int = 3, seed: int = 0) -> tuple[Path, Path]:
+    """A tiny GPT-2 (HF Conv1D layers) saved by transformers, and a tuned copy = base + a rank-`delta_rank`
+    delta on every Conv1D weight (in the model's (in, out) layout) + a changed final norm."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    model = transformers.GPT2LMHeadModel(config).eval()
+    base, tuned = folder / "gpt2-base", folder / "gpt2-tuned"
+    model.save_pretrained(base)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in model.modules():
+            if type(module).__name__ == "Conv1D":
+                n_in, n_out = module.weight.shape
+                b = torch.randn(n_in, delta_rank, generator=gen) * 0.1
+                a = torch.randn(delta_rank, n_out, generator=gen) * 0.1
+                module.weight += b @ a
+        model.transformer.ln_f.weight += 0.05
+    model.save_pretrained(tuned)
+    return base, tuned
+
+
+@pytest.fixture(scope="module")
+def gpt2_pair(tmp_path_factory):
+    return make_gpt2_pair(tmp_path_factory.mktemp("gpt2"))
+
+
+# ---- pairing -----------------------------------------------------------------------------------------------
+
+
+def test_llama_pairs_every_projection_and_lists_norms_as_whole_tensors():
+    plan = plan_for(LLAMA_BASE, LLAMA_TUNED)
+    kinds = {p.module: p.kind for p in plan.pairs}
+    for layer in range(2):
+        for proj in PROJECTIONS:
+            part = "self_attn" if proj.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            assert kinds[f"model.layers.{layer}.{part}.{proj}"] == "linear"
+    assert kinds["model.embed_tokens"] == "embedding"
+    assert kinds["lm_head"] == "linear"
+    assert len(plan.pairs) == 16
+    whole = {w.tensor: w for w in plan.whole}
+    assert set(whole) == {"model.norm.weight"} | {
+        f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")
+    }
+    assert not any(w.save for w in whole.values())
+    assert plan.kind_source.startswith("transformers")
+    assert plan.task_type == "CAUSAL_LM"
+    assert plan.only_in_base == plan.only_in_tuned == plan.mismatched == []
+
+
+def test_pair_shapes_and_lora_matrix_shapes():
+    plan = plan_for(LLAMA_BASE, LLAMA_TUNED)
+    by_module = {p.module: p for p in plan.pairs}
+    embed = by_module["model.embed_tokens"]
+    assert embed.shape == (256, 64) and embed.matrix_shape == (64, 256)
+    down = by_module["model.layers.0.mlp.down_proj"]
+    assert down.tensor == "model.layers.0.mlp.down_proj.weight" and down.matrix_shape == (64, 128)
+
+
+def test_heuristics_agree_with_transformers_on_llama(monkeypatch):
+    with_model = plan_for(LLAMA_BASE, LLAMA_TUNED)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    plan = plan_for(LLAMA_BASE, LLAMA_TUNED)
+    assert "heuristics" in plan.kind_source and "transformers is not installed" in plan.kind_source
+    assert [(p.module, p.kind) for p in plan.pairs] == [(p.module, p.kind) for p in with_model.pairs]
+    assert [w.tensor for w in plan.whole] == [w.tensor for w in with_model.whole]
+
+
+@pytest.mark.parametrize("mode", ["full", "skip"])
+def test_embeddings_full_or_skip(mode):
+    plan = plan_for(LLAMA_BASE, LLAMA_TUNED, embeddings=mode)
+    assert "model.embed_tokens" not in {p.module for p in plan.pairs}
+    embed = next(w for w in plan.whole if w.tensor == "model.embed_tokens.weight")
+    assert embed.save == (mode == "full")
+    assert "--embeddings " + mode in embed.why
+
+
+def test_save_full_pattern_marks_tensors_to_save_whole():
+    plan = plan_for(LLAMA_BASE, LLAMA_TUNED, save_full=["*norm*", "lm_head"])
+    saved = {w.tensor for w in plan.whole if w.save}
+    assert "model.norm.weight" in saved and "model.layers.1.input_layernorm.weight" in saved
+    assert "lm_head.weight" in saved and "lm_head" not in {p.module for p in plan.pairs}
+
+
+def test_include_and_exclude_select_modules():
+    plan = plan_for(LLAMA_BASE, LLAMA_TUNED, include=["*self_attn*"], exclude=["*.k_proj"])
+    assert {p.module.rsplit(".", 1)[1] for p in plan.pairs} == {"q_proj", "v_proj", "o_proj"}
+    assert plan.whole == []
+    assert len(plan.excluded) == 21 - 6
+    with pytest.raises(LoratoolsError, match="--include"):
+        plan_for(LLAMA_BASE, LLAMA_TUNED, include=["nothing_like_this"])
+
+
+def test_plain_words_match_as_substrings():
+    plan = plan_for(LLAMA_BASE, LLAMA_TUNED, include=["layers.1.mlp"])
+    assert {p.module for p in plan.pairs} == {f"model.layers.1.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj")}
+
+
+# ---- matching problems ----------------------------------------------------------------------------------------
+
+
+def write_pair(folder: Path, base: dict, tuned: dict) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(base, str(folder / "base.safetensors"))
+    save_file(tuned, str(folder / "tuned.safetensors"))
+    return folder / "base.safetensors", folder / "tuned.safetensors"
+
+
+def test_shape_mismatch_is_an_error_unless_skipped(tmp_path):
+    base = {"embed.weight": torch.zeros(10, 4), "proj.weight": torch.zeros(4, 4)}
+    tuned = {"embed.weight": torch.zeros(12, 4), "proj.weight": torch.ones(4, 4)}
+    b, t = write_pair(tmp_path, base, tuned)
+    with pytest.raises(ShapeError) as info:
+        plan_for(b, t)
+    message = str(info.value)
+    assert "embed.weight" in message and "(10, 4)" in message and "(12, 4)" in message
+    assert "--skip-mismatched" in message and str(t) in message
+    plan = plan_for(b, t, skip_mismatched=True)
+    assert plan.mismatched == [("embed.weight", (10, 4), (12, 4))]
+    assert [p.module for p in plan.pairs] == ["proj"]
+
+
+def test_names_in_one_checkpoint_only_are_listed(tmp_path):
+    base = {"a.weight": torch.zeros(4, 4), "old.weight": torch.zeros(4, 4)}
+    tuned = {"a.weight": torch.ones(4, 4), "new.weight": torch.zeros(4, 4)}
+    plan = plan_for(*write_pair(tmp_path, base, tuned))
+    assert plan.only_in_base == ["old.weight"] and plan.only_in_tuned == ["new.weight"]
+    assert [p.module for p in plan.pairs] == ["a"]
+
+
+def test_checkpoints_with_no_common_names_are_refused(tmp_path):
+    b, t = write_pair(tmp_path, {"a.weight": torch.zeros(2, 2)}, {"b.weight": torch.zeros(2, 2)})
+    with pytest.raises(LoratoolsError, match="no tensor names in common"):
+        plan_for(b, t)
+
+
+# ---- layer kinds ------------------------------------------------------------------------------------------------
+
+
+def test_sd_convolutions_linears_and_biases():
+    plan = plan_for(SD_BASE, SD_TUNED)
+    kinds = {p.module: p.kind for p in plan.pairs}
+    assert kinds == {
+        "unet.down_blocks.0.resnets.0.conv1": "conv2d",
+        "unet.down_blocks.0.attentions.0.proj_in": "conv2d",
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "linear",
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj": "linear",
+    }
+    conv = next(p for p in plan.pairs if p.kind == "conv2d" and p.shape == (16, 8, 3, 3))
+    assert conv.matrix_shape == (16, 72)
+    assert all(w.tensor.endswith(".bias") and not w.save for w in plan.whole) and len(plan.whole) == 4
+    assert "heuristics" in plan.kind_source and plan.task_type is None
+
+
+@pytest.mark.parametrize("with_transformers", [True, False])
+def test_gpt2_conv1d_layers_are_detected(gpt2_pair, with_transformers, monkeypatch):
+    if not with_transformers:
+        monkeypatch.setitem(sys.modules, "transformers", None)
+    plan = plan_for(*gpt2_pair)
+    kinds = {p.module: p.kind for p in plan.pairs}
+    for layer in range(2):
+        for module in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            assert kinds[f"transformer.h.{layer}.{module}"] == "conv1d", module
+    assert kinds["transformer.wte"] == kinds["transformer.wpe"] == "embedding"
+    c_attn = next(p for p in plan.pairs if p.module == "transformer.h.0.attn.c_attn")
+    assert c_attn.shape == (32, 96) and c_attn.matrix_shape == (96, 32)
+    assert plan.kind_source.startswith("transformers") == with_transformers
+    assert plan.task_type == "CAUSAL_LM"
+
+
+def test_conv1d_heuristic_reads_the_bias_shape(tmp_path):
+    base = {
+        "blk.fc.weight": torch.zeros(8, 24), "blk.fc.bias": torch.zeros(24),  # (in, out): transposed
+        "blk.lin.weight": torch.zeros(24, 8), "blk.lin.bias": torch.zeros(24),  # (out, in): a Linear
+        "other.fc.weight": torch.zeros(8, 8), "other.fc.bias": torch.zeros(8),  # square: follows its leaf name
+    }
+    plan = plan_for(*write_pair(tmp_path, base, base))
+    assert {p.module: p.kind for p in plan.pairs} == {"blk.fc": "conv1d", "blk.lin": "linear", "other.fc": "conv1d"}
+    assert "bias" in next(p for p in plan.pairs if p.module == "blk.fc").why
+
+
+def test_layer_kinds_follow_the_module_types_of_the_architecture():
+    from loratools.plan import layer_kinds
+
+    kinds, source = layer_kinds({"model.norm.weight": (64,), "model.layers.0.self_attn.q_proj.weight": (64, 64)},
+                                json.loads((LLAMA_BASE / "config.json").read_text()))
+    assert kinds["model.norm.weight"][0] is None
+    assert kinds["model.layers.0.self_attn.q_proj.weight"][0] == "linear"
+    assert "LlamaForCausalLM" in source
+
+
+# ---- names and shapes only --------------------------------------------------------------------------------------
+
+
+def test_planning_reads_no_tensor_data(monkeypatch):
+    def refuse(self, name):
+        raise AssertionError(f"plan read tensor data for {name}")
+
+    monkeypatch.setattr(TensorIndex, "get", refuse)
+    plan = plan_for(LLAMA_BASE, LLAMA_TUNED, save_full=["*norm*"])
+    assert [p["module"] for p in plan.to_json()["pairs"]][:3] == ["lm_head", "model.embed_tokens", "model.layers.0.mlp.down_proj"]
+
+
+def test_pairs_come_in_natural_order(tmp_path):
+    base = {f"layers.{i}.proj.weight": torch.zeros(2, 2) for i in (10, 2, 1)}
+    plan = plan_for(*write_pair(tmp_path, base, base))
+    assert [p.module for p in plan.pairs] == ["layers.1.proj", "layers.2.proj", "layers.10.proj"]
