@@ -7,8 +7,8 @@ recompressed with `factor_svd` (QR of each side, SVD of the small core).
 
 Decisions:
 - A combined or resized module keeps a meaningful alpha: its scale is the scale of the first input module
-  (so ``alpha = scale · rank``), and each other input's ``wᵢ·sᵢ / scale`` is folded into its B block. One
-  adapter with weight 1 is reproduced factor for factor.
+  (``alpha = alpha₁ · rank / r₁``, kohya's resize rule), and each input's ``wᵢ·sᵢ / scale`` is folded into
+  its B block. One adapter with weight 1 is reproduced factor for factor.
 - Factor-wise averaging of A and B (``(A₁+A₂)/2``) is not offered: it is not the sum of the deltas.
 - ``--scale S`` multiplies alpha by S (factors untouched, exact); ``--alpha A`` folds old/new scale into B.
 """
@@ -53,6 +53,13 @@ def _reference_scale(module: LoraModule) -> float:
     return module.scale if module.scale != 0 else 1.0
 
 
+def _output_alpha(first: LoraModule, rank: int) -> float:
+    """Alpha giving a rank-`rank` module the reference scale of `first` (its own alpha when ranks agree)."""
+    if first.scale == 0:
+        return float(rank)
+    return first.scale * rank if first.rslora else first.alpha * (rank / first.rank)
+
+
 def _stacked(modules: Sequence[LoraModule], weights: Sequence[float], scale: float, dtype: torch.dtype):
     """(B blocks with wᵢ·sᵢ/scale folded in, A blocks), each cast to `dtype`."""
     compute = _compute_dtype(dtype)
@@ -95,7 +102,7 @@ def concat_modules(
     scale = _reference_scale(modules[0])
     bs, as_ = _stacked(modules, weights, scale, dtype)
     rank = sum(a.shape[0] for a in as_)
-    return LoraModule(modules[0].name, torch.cat(as_, 0), torch.cat(bs, 1), scale * rank, modules[0].kind)
+    return LoraModule(modules[0].name, torch.cat(as_, 0), torch.cat(bs, 1), _output_alpha(modules[0], rank), modules[0].kind)
 
 
 def _promoted_dtype(modules: Sequence[LoraModule]) -> torch.dtype:
@@ -106,7 +113,7 @@ def _promoted_dtype(modules: Sequence[LoraModule]) -> torch.dtype:
 
 
 def _truncate(
-    template: LoraModule, left: torch.Tensor, right: torch.Tensor, policy: RankPolicy, scale: float, dtype: torch.dtype
+    template: LoraModule, left: torch.Tensor, right: torch.Tensor, policy: RankPolicy, dtype: torch.dtype
 ) -> tuple[LoraModule, int, float]:
     """Best approximation of the LoRA matrix left @ right chosen by `policy`: (module, rank, relative error)."""
     U, S, Vh = factor_svd(left, right, 1.0, _compute_dtype(dtype))
@@ -116,7 +123,7 @@ def _truncate(
     rank = max(rank, 1)  # an all-zero delta is kept as one zero direction, which every loader accepts
     error = float(truncation_errors(S)[rank])
     module = LoraModule.from_lora_matrix_factors(
-        template.name, U[:, :rank] * S[:rank], Vh[:rank], template.kind, template.base_shape, scale * rank
+        template.name, U[:, :rank] * S[:rank], Vh[:rank], template.kind, template.base_shape, _output_alpha(template, rank)
     )
     return replace(module, A=module.A.to(dtype), B=module.B.to(dtype)), rank, error
 
@@ -135,11 +142,10 @@ def recompress_modules(
     """
     _check_compatible(modules)
     dtype = dtype or _promoted_dtype(modules)
-    scale = _reference_scale(modules[0])
     compute = _compute_dtype(dtype)
     left = torch.cat([m.factors(compute)[0] * (w * m.scale) for m, w in zip(modules, weights, strict=True)], 1)
     right = torch.cat([m.factors(compute)[1] for m in modules], 0)
-    module, rank, error = _truncate(modules[0], left, right, policy, scale, dtype)
+    module, rank, error = _truncate(modules[0], left, right, policy, dtype)
     first = modules[0]
     return module, LayerReport(first.name, first.kind, first.base_shape, left.shape[1], rank, error)
 
@@ -150,13 +156,12 @@ def resize_module(module: LoraModule, policy: RankPolicy) -> tuple[LoraModule, L
     Args:
         module: A (r, in[, kh, kw]), B (out, r[, 1, 1]).
     Returns:
-        (module with A (k, …), B (out, k, …) and alpha = scale · k, so alpha / k is the old scale;
+        (module with A (k, …), B (out, k, …) and alpha = alpha · k / r, so alpha / k is the old scale;
         report with the Eckart–Young error ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F). A rank above the layer's
         min(out, in) or r is clamped.
     """
     b, a = module.factors(_compute_dtype(module.A.dtype))
-    scale = _reference_scale(module)
-    resized, rank, error = _truncate(module, b * module.scale, a, policy, scale, module.A.dtype)
+    resized, rank, error = _truncate(module, b * module.scale, a, policy, module.A.dtype)
     return resized, LayerReport(module.name, module.kind, module.base_shape, module.rank, rank, error)
 
 

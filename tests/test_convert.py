@@ -1,0 +1,113 @@
+"""convert: PEFT ↔ kohya with identical deltas (hypothesis round trips and the fixtures), names, bad input."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from loratools.adapter import Adapter, LoraModule
+from loratools.adapter_files import load_adapter, save_adapter
+from loratools.errors import FormatError
+from loratools.operations import convert
+from tests.conftest import LLAMA_BASE, LLAMA_PEFT, SD_BASE, SD_KOHYA, run_cli
+
+NAMESPACES = ("unet.down_blocks.{i}.proj", "text_encoder.layers.{i}.q_proj", "model.layers.{i}.mlp.up_proj")
+
+
+@st.composite
+def peft_adapters(draw) -> Adapter:
+    modules = {}
+    for i in range(draw(st.integers(1, 3))):
+        name = draw(st.sampled_from(NAMESPACES)).format(i=i)
+        rows, cols, rank = draw(st.integers(1, 6)), draw(st.integers(1, 6)), draw(st.integers(1, 4))
+        conv = draw(st.booleans())
+        gen = torch.Generator().manual_seed(draw(st.integers(0, 10**6)))
+        if conv:
+            a, b = torch.randn(rank, cols, 3, 3, generator=gen), torch.randn(rows, rank, 1, 1, generator=gen)
+        else:
+            a, b = torch.randn(rank, cols, generator=gen), torch.randn(rows, rank, generator=gen)
+        alpha = float(draw(st.integers(1, 64)))
+        modules[name] = LoraModule(name, a, b, alpha, "conv2d" if conv else "linear")
+    return Adapter(modules)
+
+
+def assert_same_deltas(ours: Adapter, reference: Adapter) -> None:
+    assert sorted(ours.modules) == sorted(reference.modules)
+    for name, module in reference.modules.items():
+        torch.testing.assert_close(ours.modules[name].delta(), module.delta(), rtol=1e-6, atol=1e-7)
+
+
+@settings(max_examples=30, deadline=None)
+@given(peft_adapters(), st.booleans())
+def test_peft_to_kohya_to_peft_preserves_deltas(adapter, rslora):
+    adapter.modules = {n: LoraModule(n, m.A, m.B, m.alpha, m.kind, rslora=rslora) for n, m in adapter.modules.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save_adapter(adapter, tmp / "peft")
+        convert(tmp / "peft", tmp / "k.safetensors", "kohya")
+        kohya = load_adapter(tmp / "k.safetensors")
+        assert kohya.format == "kohya"
+        convert(tmp / "k.safetensors", tmp / "back", "peft")
+        back = load_adapter(tmp / "back")
+    assert_same_deltas(kohya, adapter)
+    assert_same_deltas(back, adapter)
+
+
+def test_kohya_fixture_round_trips_through_peft_byte_for_byte(tmp_path):
+    run_cli("convert", SD_KOHYA, "-o", tmp_path / "peft", "--format", "peft", "--base", SD_BASE)
+    peft = load_adapter(tmp_path / "peft")
+    assert sorted(peft.modules) == [
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+        "unet.down_blocks.0.attentions.0.proj_in",
+        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+        "unet.down_blocks.0.resnets.0.conv1",
+    ]
+    result = run_cli("convert", tmp_path / "peft", "-o", tmp_path / "k.safetensors", "--format", "kohya")
+    assert "wrote" in result.output and "kohya, 4 modules" in result.output
+    original, back = load_file(str(SD_KOHYA)), load_file(str(tmp_path / "k.safetensors"))
+    assert sorted(back) == sorted(original)
+    for key, tensor in original.items():
+        assert back[key].dtype == tensor.dtype and torch.equal(back[key], tensor), key
+
+
+def test_llama_peft_to_kohya_and_back(tmp_path):
+    run_cli("convert", LLAMA_PEFT, "-o", tmp_path / "k.safetensors", "--format", "kohya", "--prefix", "lora_te_")
+    keys = load_file(str(tmp_path / "k.safetensors"))
+    assert all(k.startswith("lora_te_model_layers_") for k in keys)
+    run_cli("convert", tmp_path / "k.safetensors", "-o", tmp_path / "back", "--format", "peft")
+    assert_same_deltas(load_adapter(tmp_path / "back"), load_adapter(LLAMA_PEFT))
+
+
+def test_kohya_names_without_a_base_are_an_error_naming_the_fix(tmp_path):
+    result = run_cli("convert", SD_KOHYA, "-o", tmp_path / "p", "--format", "peft", expect=2)
+    assert "4 kohya module name(s)" in result.output and "pass --base" in result.output
+    result = run_cli("convert", SD_KOHYA, "-o", tmp_path / "p", "--format", "peft", "--base", LLAMA_BASE, expect=2)
+    assert "match no tensor of" in result.output
+    assert not (tmp_path / "p").exists()
+
+
+def test_layouts_kohya_cannot_hold_are_refused(tmp_path):
+    embedding = LoraModule("model.embed_tokens", torch.randn(2, 10), torch.randn(4, 2), 2.0, "embedding")
+    save_adapter(Adapter({embedding.name: embedding}), tmp_path / "emb")
+    with pytest.raises(FormatError, match="no embedding layout"):
+        convert(tmp_path / "emb", tmp_path / "k.safetensors", "kohya")
+    assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_convert_dtype_output_rules_and_json(tmp_path):
+    result = run_cli("convert", LLAMA_PEFT, "-o", tmp_path / "h.safetensors", "--format", "kohya", "--dtype", "fp16",
+                     "--json")
+    assert '"format": "kohya"' in result.output
+    assert load_adapter(tmp_path / "h.safetensors").dtype == torch.float16
+    result = run_cli("convert", LLAMA_PEFT, "-o", tmp_path / "h.safetensors", "--format", "kohya", expect=2)
+    assert "already exists; pass --force" in result.output
+    run_cli("convert", LLAMA_PEFT, "-o", tmp_path / "h.safetensors", "--format", "kohya", "--force")
+    assert load_adapter(tmp_path / "h.safetensors").dtype == torch.float32
+    result = run_cli("convert", LLAMA_PEFT, "-o", LLAMA_PEFT / "x", "--format", "peft", expect=2)
+    assert "overwrite or sit inside input" in result.output
