@@ -128,7 +128,8 @@ def main() -> None:
         growth = r["peak_rss_anon_mib"] - r["start_rss_anon_mib"]
         print(f"| {path} | {r['seconds']:.2f} | {r['peak_rss_anon_mib']:.0f} | {growth:.0f} |")
     lt, nv = results["loratools"], results["naive"]
-    growth = (nv["peak_rss_anon_mib"] - nv["start_rss_anon_mib"]) / max(1e-9, lt["peak_rss_anon_mib"] - lt["start_rss_anon_mib"])
+    ours_growth = max(1e-9, lt["peak_rss_anon_mib"] - lt["start_rss_anon_mib"])
+    growth = (nv["peak_rss_anon_mib"] - nv["start_rss_anon_mib"]) / ours_growth
     print(f"\nnaive / loratools: time {nv['seconds'] / lt['seconds']:.2f}×, memory growth {growth:.1f}×;"
           f" max |difference| between outputs {worst:.1e}")
 

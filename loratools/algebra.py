@@ -102,7 +102,8 @@ def concat_modules(
     scale = _reference_scale(modules[0])
     bs, as_ = _stacked(modules, weights, scale, dtype)
     rank = sum(a.shape[0] for a in as_)
-    return LoraModule(modules[0].name, torch.cat(as_, 0), torch.cat(bs, 1), _output_alpha(modules[0], rank), modules[0].kind)
+    first = modules[0]
+    return LoraModule(first.name, torch.cat(as_, 0), torch.cat(bs, 1), _output_alpha(first, rank), first.kind)
 
 
 def _promoted_dtype(modules: Sequence[LoraModule]) -> torch.dtype:
@@ -122,8 +123,9 @@ def _truncate(
         rank = min(len(S), policy.max_rank)
     rank = max(rank, 1)  # an all-zero delta is kept as one zero direction, which every loader accepts
     error = float(truncation_errors(S)[rank])
+    alpha = _output_alpha(template, rank)
     module = LoraModule.from_lora_matrix_factors(
-        template.name, U[:, :rank] * S[:rank], Vh[:rank], template.kind, template.base_shape, _output_alpha(template, rank)
+        template.name, U[:, :rank] * S[:rank], Vh[:rank], template.kind, template.base_shape, alpha
     )
     return replace(module, A=module.A.to(dtype), B=module.B.to(dtype)), rank, error
 

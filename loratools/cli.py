@@ -381,7 +381,8 @@ def _render_written(result, as_json: bool, layers_title: str | None = None) -> N
         _render_layers(result.layers, layers_title)
     ranks = sorted(set(result.ranks))
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
-    line = f"wrote {result.out} ({result.format}, {result.modules} modules, rank {rank_text}, {result.parameters:,} parameters)"
+    line = f"wrote {result.out} ({result.format}, {result.modules} modules, rank {rank_text}"
+    line += f", {result.parameters:,} parameters)"
     if result.layers:
         line += f"; max relative error {result.max_error:.3e}"
     click.echo(line)
@@ -531,7 +532,8 @@ def convert_command(adapter, out, dtype, force, as_json, fmt, prefix, base) -> N
 
     \b
     Examples:
-      loratools convert fixtures/sd-lora-kohya.safetensors -o out/sd-peft --format peft --base fixtures/sd-base.safetensors
+      loratools convert fixtures/sd-lora-kohya.safetensors -o out/sd-peft --format peft \\
+          --base fixtures/sd-base.safetensors
       loratools convert fixtures/llama-lora-peft -o out/llama.safetensors --format kohya
     """
     from loratools.operations import convert

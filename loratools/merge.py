@@ -66,8 +66,8 @@ class MergeResult:
 
 
 @dataclass
-class _Op:
-    """One contribution to a base tensor: a LoRA delta, or a full replacement tensor, with its weight."""
+class Contribution:
+    """One change to a base tensor: a LoRA delta (`module`) or a full replacement (`full`), times `weight`."""
 
     weight: float
     module: LoraModule | None = None
@@ -82,18 +82,20 @@ def _find_tensor(name: str, index: TensorIndex) -> str | None:
 
 
 def _delta_fits(module: LoraModule, shape: tuple[int, ...]) -> bool:
-    return module.base_shape == shape or (module.kind == "linear" and shape[2:] == (1, 1) and module.base_shape == shape[:2])
+    if module.base_shape == shape:
+        return True
+    return module.kind == "linear" and shape[2:] == (1, 1) and module.base_shape == shape[:2]
 
 
 def plan_merge(
     index: TensorIndex, adapters: Sequence[os.PathLike | str], weights: Sequence[float]
-) -> dict[str, list[_Op]]:
+) -> dict[str, list[Contribution]]:
     """Base tensor name -> contributions, from names and shapes only.
 
     Raises:
         ShapeError listing adapter modules that match no base tensor, or naming the tensor whose shape differs.
     """
-    ops: dict[str, list[_Op]] = {}
+    ops: dict[str, list[Contribution]] = {}
     unmatched: list[str] = []
     base_names = list(index.tensors)
     for path, weight in zip(adapters, weights, strict=True):
@@ -111,7 +113,7 @@ def plan_merge(
                     f"{target}: base tensor has shape {shape} but {path} holds a {module.kind} LoRA {name} for"
                     f" shape {module.base_shape}; the adapter was made for another model"
                 )
-            ops.setdefault(target, []).append(_Op(weight, module=module))
+            ops.setdefault(target, []).append(Contribution(weight, module=module))
         for name, tensor in adapter.full.items():
             target = _find_tensor(name, index)
             if target is None:
@@ -123,7 +125,7 @@ def plan_merge(
                     f"{target}: base tensor has shape {shape} but {path} replaces it with {tuple(tensor.shape)};"
                     " the adapter was made for another model (or a resized vocabulary)"
                 )
-            ops.setdefault(target, []).insert(0, _Op(weight, full=tensor))
+            ops.setdefault(target, []).insert(0, Contribution(weight, full=tensor))
     if unmatched:
         shown = ", ".join(unmatched[:6]) + (f" … ({len(unmatched)} in all)" if len(unmatched) > 6 else "")
         raise ShapeError(
@@ -133,7 +135,7 @@ def plan_merge(
     return ops
 
 
-def apply_ops(weight: torch.Tensor, ops: Sequence[_Op]) -> torch.Tensor:
+def apply_ops(weight: torch.Tensor, ops: Sequence[Contribution]) -> torch.Tensor:
     """W + Σ contributions, accumulated in fp32 (fp64 for fp64 weights); returned in fp32/fp64.
 
     Args:

@@ -14,6 +14,7 @@ from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_files import load_adapter, save_adapter
 from loratools.checkpoint import open_checkpoint
 from loratools.errors import LoratoolsError, ShapeError
+from loratools.linalg import RankPolicy
 from loratools.merge import merge
 from loratools.writer import TensorSpec, parse_size, shard_layout, stream_safetensors
 from tests.conftest import (
@@ -153,13 +154,18 @@ def test_kohya_sd_fixture_merges_into_sd_tuned(tmp_path):
 def test_merge_of_full_rank_extract_gives_tuned(tmp_path):
     extract = pytest.importorskip("loratools.extract")
     adapter = tmp_path / "full-rank"
-    extract.extract(LLAMA_BASE, LLAMA_TUNED, adapter, policy=extract.RankPolicy("rank", 128))
+    extract.extract(LLAMA_BASE, LLAMA_TUNED, adapter, policy=RankPolicy("rank", 128))
+    loaded = load_adapter(adapter)
+    covered = {f"{name}.weight" for name in loaded.modules} | set(loaded.full)
+    assert {f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1)} <= covered
     out = tmp_path / "merged"
     merge(LLAMA_BASE, [adapter], out)
-    tuned, ours = read_model(LLAMA_TUNED), read_model(out)
-    for name in ours:
-        if ours[name].dim() == 2:
-            torch.testing.assert_close(ours[name], tuned[name], rtol=0, atol=1e-5)
+    base, tuned, ours = read_model(LLAMA_BASE), read_model(LLAMA_TUNED), read_model(out)
+    for name, tensor in ours.items():
+        if name in covered:
+            torch.testing.assert_close(tensor, tuned[name], rtol=0, atol=1e-5)
+        else:
+            assert torch.equal(tensor, base[name]), name
 
 
 def test_weights_scale_each_adapter(tmp_path):
