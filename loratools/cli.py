@@ -347,6 +347,126 @@ def verify_command(base, tuned, adapter, exact, seed, as_json, quiet) -> None:
         _render_verify(report)
 
 
+def _parse_ranks(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        return [int(part) for part in value.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of ranks, e.g. 4,8,16,32,64") from None
+
+
+def _render_spectrum(report) -> None:
+    from rich.table import Table
+
+    from loratools.spectra import sparkline
+
+    console = stdout_console()
+    rec = report.recommendation()
+    table = Table(show_edge=False, pad_edge=False, header_style="bold")
+    table.add_column("layer", overflow="fold")
+    titles = ["kind", "shape", "‖ΔW‖_F", "σ₁"] + [f"err@{r}" for r in report.ranks]
+    titles += (["rank"] if rec else []) + ([] if report.exact else ["tail"])
+    for title in titles:
+        table.add_column(title, justify="left" if title in ("kind", "shape") else "right", no_wrap=True)
+    table.add_column("spectrum", no_wrap=True)
+    for layer in report.layers:
+        s = layer.singular_values
+        row = [layer.name, layer.kind, str(layer.shape), f"{layer.total_energy ** 0.5:.4g}",
+               f"{float(s[0]) if len(s) else 0.0:.4g}"]
+        row += [_fraction(layer.rel_error(r)) for r in report.ranks]
+        if rec:
+            rank = rec["per_layer"][layer.name]
+            row.append(f">{report.max_rank}" if rank is None else str(rank))
+        if not report.exact:
+            row.append(f"{layer.tail_energy:.2%}")
+        table.add_row(*row, sparkline(s))
+    console.print(table)
+    console.print()
+    full = sum(layer.shape[0] * layer.shape[1] for layer in report.layers)
+    sweep = Table(show_edge=False, pad_edge=False, header_style="bold",
+                  title=f"rank sweep over {len(report.layers)} changed layers (‖ΔW‖²-weighted error)")
+    for title in ("rank", "overall error", "parameters", f"size ({report.dtype})"):
+        sweep.add_column(title, justify="right")
+    for row in report.sweep():
+        sweep.add_row(str(row["rank"]), _fraction(row["rel_error"]), f"{row['params']:,}", _human_bytes(row["bytes"]))
+    sweep.add_row("full ΔW", "0", f"{full:,}", _human_bytes(full * report.itemsize))
+    console.print(sweep)
+    if rec:
+        more = f"none ≤ {report.max_rank}; raise --max-rank"
+        per_layer = (f"{rec['params']:,} parameters, {_human_bytes(rec['bytes'])}" if rec["params"] is not None
+                     else f"some layers need more than {report.max_rank} singular values; raise --max-rank")
+        global_rank = (f"{rec['global_rank']}  (overall error {_fraction(rec['global_rel_error'])})"
+                       if rec["global_rank"] is not None else more)
+        console.print()
+        console.print(_key_value_grid([
+            (f"{rec['criterion'].replace('_', ' ')} {rec['value']:g}", ""),
+            ("  rank per layer (column 'rank')", per_layer),
+            ("  global rank", global_rank),
+            ("  every layer meets it at rank", more if rec["max_layer_rank"] is None else str(rec["max_layer_rank"])),
+        ]))
+    console.print()
+    console.print(_key_value_grid([("unchanged tensors", str(report.unchanged))]))
+    sections = [
+        ("changed tensors that cannot be a LoRA", [(n, str(s)) for n, s in report.changed_whole]),
+        ("tensors only in base", [(n, "") for n in report.only_in_base]),
+        ("tensors only in tuned", [(n, "") for n in report.only_in_tuned]),
+        ("tensors whose shape differs between base and tuned", [(n, "") for n in report.mismatched]),
+    ]
+    for title, rows in sections:
+        if rows:
+            console.print()
+            console.print(_listing(title, rows))
+
+
+@cli.command("spectrum")
+@click.argument("base", type=click.Path(exists=True))
+@click.argument("tuned", type=click.Path(exists=True))
+@click.option("--ranks", default="4,8,16,32,64", show_default=True, callback=_parse_ranks,
+              help="Ranks to sweep: each layer's error, the overall error and the adapter size at each.")
+@click.option("--max-rank", type=int, default=128, show_default=True,
+              help="Singular values computed per layer (randomized SVD); raised to the largest --ranks value.")
+@click.option("--exact", is_flag=True, help="Compute every singular value with a full SVD (slow on large layers).")
+@click.option("--target-error", type=float, metavar="E", help="Recommend ranks with relative error ≤ E.")
+@click.option("--energy", type=float, metavar="F", help="Recommend ranks keeping a fraction F of ‖ΔW‖²_F.")
+@click.option("--include", multiple=True, metavar="PATTERN", help="Only tensors matching (glob; repeatable).")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave out tensors matching (glob; repeatable).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option("--device", default="cpu", show_default=True, help="Where the SVDs run: cpu, cuda, cuda:1 …")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of tables.")
+@click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
+              help="Also write the spectra as a PNG (needs the plot extra: matplotlib).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def spectrum_command(base, tuned, ranks, max_rank, exact, target_error, energy, include, exclude, seed, device,
+                     as_json, plot, quiet) -> None:
+    """What rank does a LoRA of TUNED − BASE need? Spectra of the true deltas, a rank sweep, recommendations.
+
+    Streams one layer pair at a time: the top --max-rank singular values of each ΔW (randomized SVD) and the
+    energy beyond them, each layer's error at every --ranks value, the ‖ΔW‖²-weighted overall error and the
+    adapter size. With --target-error or --energy: a rank per layer and one global rank.
+
+    \b
+    Examples:
+      loratools spectrum fixtures/llama-base fixtures/llama-tuned --ranks 2,4,8 --target-error 0.05
+      loratools spectrum base/ tuned/ --energy 0.9 --json > spectrum.json
+      loratools spectrum base/ tuned/ --plot spectrum.png --device cuda
+    """
+    from loratools.sweep import rank_spectrum
+
+    with progress_bar("spectrum", quiet) as update:
+        report = rank_spectrum(
+            base, tuned, ranks=ranks, max_rank=max_rank, exact=exact, target_error=target_error, energy=energy,
+            include=include, exclude=exclude, seed=seed, device=device, progress=update,
+        )
+    if plot:
+        from loratools.plot import plot_spectra
+
+        curves = [(layer.name, layer.singular_values, layer.total_energy) for layer in report.layers]
+        plot_spectra(curves, plot, title=f"{tuned} − {base}: leading spectra of the true ΔW")
+    if as_json:
+        print_json(report.to_json())
+    else:
+        _render_spectrum(report)
+
+
 # ---- merge / combine / rescale / resize / convert (issue 5) ------------------------------------------------
 
 DTYPE_CHOICE = click.Choice(["fp32", "fp16", "bf16"])

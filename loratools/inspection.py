@@ -23,6 +23,7 @@ import torch
 from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_files import adapter_weights_path, load_adapter
 from loratools.errors import LoratoolsError
+from loratools.plan import natural_key
 from loratools.spectra import SpectrumStats, module_singular_values, spectrum_stats
 
 SORTS = ("name", "norm", "rank")
@@ -54,11 +55,6 @@ CONFIG_SUMMARY_KEYS = (
     "rank_pattern",
     "alpha_pattern",
 )
-
-
-def natural_key(name: str) -> list:
-    """Sort key that orders embedded numbers numerically: ``layers.2`` before ``layers.10``."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name)]
 
 
 @dataclass

@@ -7,7 +7,8 @@ For each adapter module matched to a checkpoint tensor, with ΔW = tuned − bas
   full SVD). Measured rather than √(‖ΔW‖² − Σσ²), which cancels catastrophically when the error is tiny; a
   randomized truncation is never better than the true optimum, so this figure is never too optimistic.
 Coverage both ways: changed tensors that no module or full tensor touches (`uncovered`), and adapter modules
-that match no tensor or a tensor of another shape (`unmatched`, with the reason).
+that match no tensor or a tensor of another shape (`unmatched`, with the reason). Base and tuned tensors are
+paired by `plan.plan_extract` (names in one checkpoint only, and shape mismatches, are listed).
 
 Decisions:
 - Modules match ``<module>.weight`` in the base checkpoint, or the one tensor ending in ``.<module>.weight``
@@ -31,6 +32,7 @@ from loratools.adapter_files import load_adapter
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.formats import KOHYA_PREFIXES, resolve_kohya_names
 from loratools.linalg import RankPolicy, frobenius_energy, low_rank, residual_energy
+from loratools.plan import natural_key, plan_extract
 
 
 @dataclass
@@ -92,7 +94,7 @@ class VerifyReport:
     """Per-layer errors and coverage of an adapter against a base / tuned pair.
 
     Attributes:
-        layers: matched tensors, in checkpoint order.
+        layers: matched tensors, in natural name order (``layers.2`` before ``layers.10``).
         uncovered: (tensor name, shape) of tensors that differ between base and tuned but nothing in the adapter
             touches.
         unmatched: adapter module or full-tensor name -> why it matches no tensor.
@@ -205,7 +207,7 @@ def verify_adapter(
         seed: seed of the randomized SVD.
         progress: called as ``progress(done, total, tensor_name)`` for every tensor read.
     Returns:
-        A VerifyReport (layers in checkpoint order).
+        A VerifyReport (layers in natural name order).
     Example:
         >>> report = verify_adapter("fixtures/sd-base.safetensors", "fixtures/sd-tuned.safetensors",
         ...                         "fixtures/sd-lora-kohya.safetensors")
@@ -218,12 +220,12 @@ def verify_adapter(
         if any(name.startswith(KOHYA_PREFIXES) for name in adapter.modules):
             adapter = resolve_kohya_names(adapter, list(base_index.tensors))
         targets, unmatched = _match(adapter, base_index, tuned_index)
-        report = VerifyReport([], unmatched=unmatched, unsupported=dict(adapter.unsupported))
-        report.only_base = [n for n in base_index.tensors if n not in tuned_index]
-        report.only_tuned = [n for n in tuned_index.tensors if n not in base_index]
-        common = [n for n in base_index.tensors if n in tuned_index]
-        report.mismatched = [n for n in common if base_index.info(n).shape != tuned_index.info(n).shape]
-        pairs = [n for n in common if n not in report.mismatched]
+        plan = plan_extract(base_index, tuned_index, skip_mismatched=True)
+        report = VerifyReport(
+            [], unmatched=unmatched, unsupported=dict(adapter.unsupported), only_base=plan.only_in_base,
+            only_tuned=plan.only_in_tuned, mismatched=[name for name, _, _ in plan.mismatched],
+        )
+        pairs = sorted([p.tensor for p in plan.pairs] + [w.tensor for w in plan.whole], key=natural_key)
         for done, tensor in enumerate(pairs, 1):
             b, t = base_index.get(tensor), tuned_index.get(tensor)
             if tensor in targets:

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loratools.errors import LoratoolsError
-from loratools.inspection import inspect_adapter, natural_key
+from loratools.inspection import inspect_adapter
 from tests.conftest import LLAMA_PEFT, SD_BASE, SD_KOHYA, SD_TUNED, run_cli
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
@@ -101,7 +101,6 @@ def test_sort_filter_top():
         "model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj", "model.layers.1.mlp.down_proj"
     ]
     assert mlp.num_modules == 14  # the header still describes the whole adapter
-    assert sorted(["layers.10", "layers.2"], key=natural_key) == ["layers.2", "layers.10"]
     with pytest.raises(LoratoolsError, match="matches none"):
         inspect_adapter(LLAMA_PEFT, pattern="nothing_like_this")
     with pytest.raises(LoratoolsError, match="not a valid regular expression"):
