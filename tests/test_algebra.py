@@ -23,7 +23,7 @@ from loratools.algebra import (
 from loratools.errors import FormatError, LoratoolsError, ShapeError
 from loratools.linalg import RankPolicy, relative_error
 from loratools.operations import combine, resize
-from tests.conftest import LLAMA_PEFT, SD_BASE, SD_KOHYA, run_cli
+from tests.conftest import LLAMA_BASE, LLAMA_PEFT, SD_BASE, SD_KOHYA, llama_from, logits, run_cli
 
 SETTINGS = settings(max_examples=30, deadline=None)
 F64 = torch.float64
@@ -302,6 +302,16 @@ def test_rescale_cli(tmp_path):
         torch.testing.assert_close(realpha.modules[name].delta(), module.delta(), rtol=1e-6, atol=1e-8)
     result = run_cli("rescale", LLAMA_PEFT, "-o", tmp_path / "b", expect=2)
     assert "exactly one of --scale or --alpha" in result.output
+
+
+@pytest.mark.parametrize("option", [("--scale", "-0.5"), ("--alpha", "3")])
+def test_rescaled_adapter_loads_in_peft_and_matches_a_merge(tmp_path, option):
+    peft = pytest.importorskip("peft")
+    run_cli("rescale", LLAMA_PEFT, "-o", tmp_path / "r", *option)
+    run_cli("merge", LLAMA_BASE, LLAMA_PEFT, "-o", tmp_path / "m", "--weight", "-0.5" if option[0] == "--scale" else "1")
+    with_peft = logits(peft.PeftModel.from_pretrained(llama_from(LLAMA_BASE), str(tmp_path / "r")).eval())
+    torch.testing.assert_close(with_peft, logits(llama_from(tmp_path / "m")), rtol=0, atol=1e-4)
+    assert not torch.allclose(with_peft, logits(llama_from(LLAMA_BASE)), atol=1e-3)
 
 
 def test_written_adapters_record_provenance(tmp_path):
