@@ -382,8 +382,8 @@ def _render_spectrum(report) -> None:
     console.print(table)
     console.print()
     full = sum(layer.shape[0] * layer.shape[1] for layer in report.layers)
-    sweep = Table(show_edge=False, pad_edge=False, header_style="bold",
-                  title=f"rank sweep over {len(report.layers)} changed layers (‖ΔW‖²-weighted error)")
+    console.print(f"rank sweep over {len(report.layers)} changed layers (overall error weighted by ‖ΔW‖²_F):")
+    sweep = Table(show_edge=False, pad_edge=False, header_style="bold")
     for title in ("rank", "overall error", "parameters", f"size ({report.dtype})"):
         sweep.add_column(title, justify="right")
     for row in report.sweep():

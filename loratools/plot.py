@@ -91,7 +91,7 @@ def plot_spectra(spectra: Iterable[tuple[str, torch.Tensor, float]], path: str |
             ax.tick_params(labelsize=8)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[0][0].set_title("singular values σ_i (log scale)", fontsize=10)
-    axes[0][1].set_title("cumulative energy Σ σ² / ‖ΔW‖²_F", fontsize=10)
+    axes[0][1].set_title("cumulative energy Σ σ² / ‖ΔW‖²_F (dotted: 0.9)", fontsize=10)
     axes[-1][0].set_xlabel("index i", fontsize=9)
     axes[-1][1].set_xlabel("rank", fontsize=9)
     fig.suptitle(f"{title}\ncolour: first (purple) to last (yellow) module of each type", fontsize=11)

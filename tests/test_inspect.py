@@ -165,3 +165,17 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     result = run_cli("inspect", LLAMA_PEFT, "--plot", tmp_path / "x.png", expect=2)
     assert "matplotlib" in result.output and "loratools[plot]" in result.output
     assert not (tmp_path / "x.png").exists()
+
+
+def test_plot_groups_by_module_type_and_merges_beyond_the_limit(tmp_path):
+    pytest.importorskip("matplotlib")
+    from loratools.plot import MAX_GROUPS, module_group, plot_spectra
+
+    assert module_group("base_model.model.model.layers.31.mlp.down_proj") == "mlp.down_proj"
+    assert module_group("lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn1_to_out_0") == "attn1_to_out"
+    assert module_group("lm_head") == "lm_head"
+    spectra = [(f"model.layers.{i % 3}.kind{i}", torch.tensor([2.0, 1.0]), 5.0) for i in range(MAX_GROUPS + 3)]
+    png = plot_spectra(spectra, tmp_path / "many.png", "many types")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(LoratoolsError, match="does not exist"):
+        plot_spectra(spectra, tmp_path / "missing" / "x.png")
