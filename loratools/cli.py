@@ -145,6 +145,145 @@ def rank_policy_options(default_rank: int | None = 16, required: bool = True) ->
 # ---- extract (issue 3) -------------------------------------------------------------------------------------
 
 
+def _render_extract_plan(result) -> None:
+    from rich.table import Table
+
+    plan, console = result.plan, stdout_console()
+    table = Table(title="LoRA layers (<module>.weight)", title_justify="left", show_edge=False, header_style="bold")
+    for column in ("module", "kind", "shape", "LoRA matrix", "why"):
+        table.add_column(column, overflow="fold")
+    for pair in plan.pairs:
+        rows, cols = pair.matrix_shape
+        table.add_row(pair.module, pair.kind, "×".join(map(str, pair.shape)), f"{rows}×{cols}", pair.why)
+    console.print(table)
+    if plan.whole:
+        whole = Table(title="Whole tensors (compared; listed if changed)", title_justify="left", show_edge=False,
+                      header_style="bold")
+        for column in ("tensor", "shape", "if changed", "why"):
+            whole.add_column(column, overflow="fold")
+        for item in plan.whole:
+            action = "save whole" if item.save else "report only"
+            whole.add_row(item.tensor, "×".join(map(str, item.shape)), action, item.why)
+        console.print()
+        console.print(whole)
+    console.print()
+    console.print(f"layer kinds: {plan.kind_source}; task type: {plan.task_type or '-'}")
+    for title, names in (("only in base", plan.only_in_base), ("only in tuned", plan.only_in_tuned),
+                         ("shape differs (skipped)", [n for n, _, _ in plan.mismatched]),
+                         ("excluded by --include/--exclude", plan.excluded)):
+        if names:
+            console.print(f"{title} ({len(names)}): " + ", ".join(names[:8]) + (" …" if len(names) > 8 else ""))
+    console.print(f"dry run: headers only, no tensor data read; would write a {result.summary.format} adapter to"
+                  f" {result.summary.output}")
+
+
+def _render_extract(result) -> None:
+    from rich.table import Table
+
+    console = stdout_console()
+    table = Table(show_edge=False, header_style="bold")
+    table.add_column("layer", overflow="fold")
+    table.add_column("shape", no_wrap=True)
+    table.add_column("kind")
+    for column in ("rank", "rel error", "energy", "σ₁", "σ_r"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for layer in result.layers:
+        rank = f"{layer.rank}*" if layer.clamped else str(layer.rank)
+        table.add_row(layer.name, "×".join(map(str, layer.shape)), layer.kind, rank, f"{layer.rel_error:.4f}",
+                      f"{100 * layer.energy:.2f}%", f"{layer.sigma_1:.4g}", f"{layer.sigma_r:.4g}")
+    console.print(table)
+    if result.changed:
+        changed = Table(title="Changed tensors that are not LoRA layers", title_justify="left", show_edge=False,
+                        header_style="bold")
+        for column in ("tensor", "shape", "max |Δ|", "‖Δ‖/‖W‖", "saved"):
+            changed.add_column(column, overflow="fold")
+        for item in result.changed:
+            changed.add_row(item.name, "×".join(map(str, item.shape)), f"{item.max_abs_change:.3g}",
+                            f"{item.rel_change:.3g}", "whole" if item.saved else "no")
+        console.print()
+        console.print(changed)
+    s = result.summary
+    ratio = s.full_delta_bytes / s.adapter_bytes if s.adapter_bytes else 0
+    console.print()
+    console.print(f"wrote {s.output} ({s.format}, {s.dtype}): {s.layers} LoRA layers, rank policy {s.rank_policy}")
+    console.print(f"overall relative error {s.rel_error:.4f} (energy kept {100 * s.energy:.2f}%, ‖ΔW‖²-weighted);"
+                  f" {s.unchanged_tensors} unchanged tensors skipped")
+    console.print(f"adapter {s.adapter_bytes / 1e6:.2f} MB vs full delta {s.full_delta_bytes / 1e6:.2f} MB"
+                  f" ({ratio:.1f}× smaller); {s.seconds:.1f} s, peak RSS {s.peak_rss_bytes / 1e6:.0f} MB")
+    console.print(f"{s.algorithm}; layer kinds: {s.kind_source}")
+
+
+@cli.command("extract")
+@click.argument("base")
+@click.argument("tuned")
+@click.option("-o", "--output", "out", required=True, help="A PEFT folder, or a .safetensors file (kohya / bare PEFT).")
+@rank_policy_options(default_rank=16)
+@click.option("--conv-rank", type=click.IntRange(min=1), help="Fixed rank for conv2d layers (default: the policy).")
+@click.option("--embeddings", type=click.Choice(["lora", "full", "skip"]), default="lora", show_default=True,
+              help="Embeddings as LoRA, saved whole when changed, or only reported.")
+@click.option("--save-full", multiple=True, metavar="PATTERN",
+              help="Save matching changed tensors whole (PEFT modules_to_save), e.g. '*norm*'. Repeatable.")
+@click.option("--include", multiple=True, metavar="PATTERN", help="Only tensors matching (glob; plain words: substring).")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave out tensors matching. Repeatable.")
+@click.option("--skip-mismatched", is_flag=True, help="Skip (and list) tensors whose shapes differ instead of failing.")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True)
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), help="Written dtype (default: the tuned weights').")
+@click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
+              help="Precision of ΔW and the SVD.")
+@click.option("--exact", is_flag=True, help="Full SVD per layer (slow); the report gains optimal_rel_error.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
+@click.option("--oversample", type=click.IntRange(min=0), help="Extra sketch columns [default: max(10, rank)].")
+@click.option("--power-iters", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
+@click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch.")
+@click.option("--report", type=click.Path(dir_okay=False), help="Also write the report as JSON to this file.")
+@click.option("--dry-run", is_flag=True, help="Show the plan (from headers only) and stop.")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar and no table (warnings still go to stderr).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (or plan) as JSON on stdout.")
+def extract_command(base, tuned, out, policy, conv_rank, embeddings, save_full, include, exclude, skip_mismatched,
+                    fmt, dtype, precision, exact, seed, oversample, power_iters, device, threads, report, dry_run,
+                    force, quiet, as_json) -> None:
+    """Extract a LoRA adapter from the difference TUNED − BASE.
+
+    BASE and TUNED are model folders (sharded or not) or single .safetensors/.bin files. Each weight pair is
+    loaded on its own, ΔW is formed in fp32 and factored by a seeded randomized SVD at the rank the policy
+    asks for. Norms, biases and other changed tensors that cannot be a LoRA are listed; --save-full saves them.
+
+    \b
+    Examples:
+      loratools extract fixtures/llama-base fixtures/llama-tuned -o adapter --rank 8 --save-full '*norm*'
+      loratools extract base/ tuned/ -o adapter --energy 0.9 --max-rank 64 --report report.json
+      loratools extract sd-base.safetensors sd-tuned.safetensors -o lora.safetensors --format kohya --conv-rank 8
+      loratools extract base/ tuned/ -o adapter --dry-run
+    """
+    import torch
+
+    from loratools.extract import extract
+
+    if threads:
+        torch.set_num_threads(threads)
+    with progress_bar("extract", quiet or as_json or dry_run) as update:
+        result = extract(
+            base, tuned, out, policy=policy, conv_rank=conv_rank, embeddings=embeddings, save_full=save_full,
+            include=include, exclude=exclude, skip_mismatched=skip_mismatched, format=fmt, dtype=dtype,
+            precision=precision, exact=exact, seed=seed, oversample=oversample, power_iters=power_iters,
+            device=device, dry_run=dry_run, force=force, progress=update,
+        )
+    if report:
+        with open(report, "w") as handle:
+            json.dump(result.to_json(), handle, indent=2)
+            handle.write("\n")
+    for note in result.summary.notes:
+        click.echo(f"warning: {note}", err=True)
+    if as_json:
+        print_json(result.to_json())
+    elif dry_run:
+        _render_extract_plan(result)
+    elif not quiet:
+        _render_extract(result)
+
+
 # ---- inspect / spectrum / verify (issue 4) -----------------------------------------------------------------
 
 

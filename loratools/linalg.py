@@ -276,8 +276,11 @@ class LowRank:
 
     @property
     def optimal_rel_error(self) -> float | None:
-        """Eckart–Young error of the best rank-`rank` approximation; None unless the spectrum is complete."""
-        return float(truncation_errors(self.S, self.total_energy)[self.rank]) if self.complete else None
+        """Eckart–Young error of the best rank-`rank` approximation, sqrt(Σ_{i≥rank} σ_i² / ‖M‖²_F), summed over
+        the tail (no cancellation); None unless the spectrum is complete."""
+        if not self.complete:
+            return None
+        return math.sqrt(float((self.S[self.rank:].double() ** 2).sum()) / self.total_energy) if self.total_energy else 0.0
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(left (rows, rank), right (rank, cols)) with left·right = U·diag(S)·Vh, √S on each side."""
