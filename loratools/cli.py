@@ -318,7 +318,7 @@ def _render_inspect(report, show_metadata: bool) -> None:
 
     console = stdout_console()
     hist = "  ".join(f"r={rank}: {count}" for rank, count in report.rank_histogram.items())
-    per_module = "per module (see rows)"
+    per_module = "per module (see rows)" if report.num_modules else "-"
     shown = len(report.modules)
     header = [
         ("adapter", report.source),

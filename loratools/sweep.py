@@ -255,7 +255,7 @@ def rank_spectrum(
     k = max(max_rank, ranks[-1])
     with open_checkpoint(base) as base_index, open_checkpoint(tuned) as tuned_index:
         plan = plan_extract(base_index, tuned_index, include=include, exclude=exclude, skip_mismatched=True)
-        dtype = next(iter(tuned_index.tensors.values())).dtype
+        dtype = tuned_index.info(plan.pairs[0].tensor).dtype if plan.pairs else torch.float32
         report = SpectrumReport(
             [], ranks, k, exact, dtype.itemsize, str(dtype).removeprefix("torch."), bound, criterion,
             only_in_base=plan.only_in_base, only_in_tuned=plan.only_in_tuned,

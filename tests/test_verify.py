@@ -95,3 +95,27 @@ def test_cli_table_names_layers_and_coverage():
     assert "unet.down_blocks.0.resnets.0.conv1" in out and "overall" in out
     out = run_cli("verify", LLAMA_BASE, LLAMA_TUNED, LLAMA_PEFT).output
     assert "model.layers.0.self_attn.q_proj" in out and "lm_head.weight" in out
+
+
+def test_exact_pair_made_by_peft_merge_and_unload(tmp_path):
+    """PEFT itself makes the pair: base model, adapter (embedding included), and the merged model."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=32,
+    )
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(str(tmp_path / "base"))
+    lora = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+                           init_lora_weights=False, rank_pattern={"down_proj": 2})
+    wrapped = peft.get_peft_model(model, lora)
+    wrapped.save_pretrained(str(tmp_path / "adapter"), save_embedding_layers=True)
+    wrapped.merge_and_unload().save_pretrained(str(tmp_path / "tuned"))
+    report = verify_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter", exact=True)
+    kinds = {layer.name: layer.kind for layer in report.layers}
+    assert kinds["model.embed_tokens"] == "embedding" and len(kinds) == 7
+    for layer in report.layers:
+        assert layer.rel_error < 1e-5, layer.name
+    assert report.uncovered == [] and report.unmatched == {} and report.unchanged > 0
