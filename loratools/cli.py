@@ -516,7 +516,7 @@ def _render_spectrum(report) -> None:
             rank = rec["per_layer"][layer.name]
             row.append(f">{report.max_rank}" if rank is None else str(rank))
         if not report.exact:
-            row.append(f"{layer.tail_energy:.2%}")
+            row.append("-" if layer.complete else f"{layer.tail_energy:.2%}")
         table.add_row(*row, sparkline(s))
     console.print(table)
     console.print()
