@@ -446,8 +446,8 @@ def _render_verify(report) -> None:
         ("changed tensors the adapter does not touch", [(n, str(s)) for n, s in report.uncovered]),
         ("adapter modules matching no tensor", sorted(report.unmatched.items())),
         ("unsupported adapter modules, not verified", sorted(report.unsupported.items())),
-        ("tensors only in base", [(n, "") for n in report.only_base]),
-        ("tensors only in tuned", [(n, "") for n in report.only_tuned]),
+        ("tensors only in base", [(n, "") for n in report.only_in_base]),
+        ("tensors only in tuned", [(n, "") for n in report.only_in_tuned]),
         ("tensors whose shape differs between base and tuned", [(n, "") for n in report.mismatched]),
     ]
     for title, rows in sections:

@@ -99,7 +99,7 @@ class VerifyReport:
             touches.
         unmatched: adapter module or full-tensor name -> why it matches no tensor.
         unsupported: recognised adapter modules of a type not verified (LoHa, DoRA, ...), name -> type.
-        only_base, only_tuned: tensor names present in one checkpoint only; mismatched: same name, other shape.
+        only_in_base, only_in_tuned: tensor names present in one checkpoint only; mismatched: same name, other shape.
         unchanged: number of tensors equal in base and tuned and untouched by the adapter.
     """
 
@@ -107,8 +107,8 @@ class VerifyReport:
     uncovered: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
     unmatched: dict[str, str] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)
-    only_base: list[str] = field(default_factory=list)
-    only_tuned: list[str] = field(default_factory=list)
+    only_in_base: list[str] = field(default_factory=list)
+    only_in_tuned: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
     unchanged: int = 0
 
@@ -125,8 +125,8 @@ class VerifyReport:
             "uncovered": [name for name, _ in self.uncovered],
             "unmatched": self.unmatched,
             "unsupported": self.unsupported,
-            "only_base": self.only_base,
-            "only_tuned": self.only_tuned,
+            "only_in_base": self.only_in_base,
+            "only_in_tuned": self.only_in_tuned,
             "mismatched": self.mismatched,
             "unchanged": self.unchanged,
         }
@@ -222,8 +222,8 @@ def verify_adapter(
         targets, unmatched = _match(adapter, base_index, tuned_index)
         plan = plan_extract(base_index, tuned_index, skip_mismatched=True)
         report = VerifyReport(
-            [], unmatched=unmatched, unsupported=dict(adapter.unsupported), only_base=plan.only_in_base,
-            only_tuned=plan.only_in_tuned, mismatched=[name for name, _, _ in plan.mismatched],
+            [], unmatched=unmatched, unsupported=dict(adapter.unsupported), only_in_base=plan.only_in_base,
+            only_in_tuned=plan.only_in_tuned, mismatched=[name for name, _, _ in plan.mismatched],
         )
         pairs = sorted([p.tensor for p in plan.pairs] + [w.tensor for w in plan.whole], key=natural_key)
         for done, tensor in enumerate(pairs, 1):

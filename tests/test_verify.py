@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from loratools.adapter_files import load_adapter, save_adapter
 from loratools.verify import verify_adapter
@@ -119,3 +119,17 @@ def test_exact_pair_made_by_peft_merge_and_unload(tmp_path):
     for layer in report.layers:
         assert layer.rel_error < 1e-5, layer.name
     assert report.uncovered == [] and report.unmatched == {} and report.unchanged > 0
+
+
+def test_tensors_in_one_checkpoint_only_are_listed(tmp_path):
+    tuned = load_file(str(SD_TUNED))
+    del tuned["unet.down_blocks.0.resnets.0.conv1.bias"]
+    tuned["unet.added.weight"] = torch.ones(4, 4)
+    path = tmp_path / "tuned.safetensors"
+    save_file(tuned, str(path))
+    report = verify_adapter(SD_BASE, path, SD_KOHYA)
+    assert report.only_in_base == ["unet.down_blocks.0.resnets.0.conv1.bias"]
+    assert report.only_in_tuned == ["unet.added.weight"]
+    assert len(report.layers) == 4 and report.summary()["rel_error"] < 1e-6
+    out = run_cli("verify", SD_BASE, path, SD_KOHYA).output
+    assert "tensors only in base (1)" in out and "unet.added.weight" in out
