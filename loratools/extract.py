@@ -41,6 +41,7 @@ from loratools.writer import check_output
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Progress = Callable[[int, int, str], None]
+SUB_CHUNK = 1 << 20  # elements per block when subtracting the base
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,9 @@ def layer_delta(
         CheckpointError naming the tensor and the file when ΔW holds inf or nan.
     """
     delta = tuned.get(pair.tensor).to(device=device, dtype=dtype, copy=True)
-    delta.sub_(base.get(pair.tensor).to(device=device))
+    stored = base.get(pair.tensor).to(device=device)
+    for part, subtrahend in zip(delta.view(-1).split(SUB_CHUNK), stored.view(-1).split(SUB_CHUNK), strict=True):
+        part.sub_(subtrahend)  # in blocks: a mixed-dtype sub_ makes a converted copy of its whole operand
     matrix = lora_matrix(delta, pair.kind)
     energy = frobenius_energy(matrix)
     if not math.isfinite(energy):
@@ -121,7 +124,7 @@ class LayerReport:
     Attributes:
         name: module name; tensor: weight name; shape: base layout; kind: layer kind.
         rank: rank kept; clamped: a fixed rank above min(rows, cols) was lowered to it.
-        rel_error: ‖ΔW − B·A‖_F / ‖ΔW‖_F, measured; energy: fraction of ‖ΔW‖²_F kept (1 − rel_error²).
+        rel_error: ‖ΔW − B·A‖_F / ‖ΔW‖_F (see `LowRank.rel_error`); energy: fraction of ‖ΔW‖²_F kept (1 − rel_error²).
         sigma_1, sigma_r: largest and smallest kept singular value (0 when rank is 0).
         delta_norm: ‖ΔW‖_F.
         optimal_rel_error: Eckart–Young optimum at this rank (only with ``exact``).

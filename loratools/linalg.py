@@ -158,10 +158,12 @@ def relative_error(target: torch.Tensor, approx: torch.Tensor) -> float:
 
 CHUNK_ELEMENTS = 1 << 24  # energies are summed over blocks of rows of about this many entries (64 MB in fp32)
 FIRST_SKETCH = 32  # dynamic policies start with this many usable singular values, then double
+MEASURE_BELOW = 0.05  # errors below this are measured from the residual; above, total − Σσ² is accurate enough
 
 
 def frobenius_energy(M: torch.Tensor) -> float:
-    """‖M‖²_F accumulated in float64, a block of rows at a time (no full-size float64 copy).
+    """‖M‖²_F, a block of rows at a time: float32 norms summed in float64, and float64 for a block whose float32
+    norm overflows (no full-size copy either way).
 
     Args:
         M: (rows, cols), any floating dtype.
@@ -169,20 +171,24 @@ def frobenius_energy(M: torch.Tensor) -> float:
         The squared Frobenius norm; inf or nan when M holds non-finite values.
     """
     step = max(1, CHUNK_ELEMENTS // max(1, M.shape[-1]))
-    return float(sum(torch.linalg.vector_norm(block, dtype=torch.float64) ** 2 for block in M.split(step)))
+    total = 0.0
+    for block in M.split(step):
+        norm = float(torch.linalg.vector_norm(block))
+        if not math.isfinite(norm):
+            norm = float(torch.linalg.vector_norm(block, dtype=torch.float64))
+        total += norm * norm
+    return total
 
 
 def residual_energy(M: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> float:
-    """‖M − left·right‖²_F in float64, a block of rows at a time.
-
-    Measured rather than inferred from singular values, so it stays accurate when the residual is tiny.
+    """‖M − left·right‖²_F, a block of rows at a time (see `frobenius_energy`).
 
     Args:
         M: (rows, cols); left: (rows, r); right: (r, cols), on one device and in one dtype.
     """
     step = max(1, CHUNK_ELEMENTS // max(1, M.shape[1]))
     blocks = zip(M.split(step), left.split(step), strict=True)
-    return float(sum(torch.linalg.vector_norm(b - lb @ right, dtype=torch.float64) ** 2 for b, lb in blocks))
+    return sum(frobenius_energy(block - lb @ right) for block, lb in blocks)
 
 
 def _orthonormal_complement(Y: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -255,7 +261,8 @@ class LowRank:
         Vh: (rank, cols) orthonormal rows.
         rank: the rank kept.
         total_energy: ‖M‖²_F (float64, exact).
-        rel_error: ‖M − U·diag(S)·Vh‖_F / ‖M‖_F, measured (0 for an all-zero M).
+        rel_error: ‖M − U·diag(S)·Vh‖_F / ‖M‖_F (0 for an all-zero M): sqrt(1 − Σσ²/‖M‖²), exact for a
+            projection, or measured from the residual when below 5% (where that difference cancels).
         complete: S holds the whole spectrum (exact SVD).
         clamped: a fixed rank above min(rows, cols) was asked for and lowered to it.
     """
@@ -358,8 +365,11 @@ def _finish(
     M: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int, total: float, complete: bool,
     clamped: bool,
 ) -> LowRank:
+    """The LowRank with its error: U·diag(S)·Vh projects M on span(U), so ‖M − U·diag(S)·Vh‖² = ‖M‖² − Σσ_i²
+    exactly; that difference cancels badly when the error is small, which is then measured directly."""
     U, Vh = U[:, :rank], Vh[:rank]
     result = LowRank(U, S, Vh, rank, total, 0.0, complete, clamped)
-    left, right = result.factors()
-    error = math.sqrt(min(1.0, residual_energy(M, left, right) / total))
-    return LowRank(U, S, Vh, rank, total, error, complete, clamped)
+    inferred = max(0.0, 1.0 - float((S[:rank].double() ** 2).sum()) / total)
+    if inferred < MEASURE_BELOW**2:
+        inferred = residual_energy(M, *result.factors()) / total
+    return LowRank(U, S, Vh, rank, total, math.sqrt(min(1.0, inferred)), complete, clamped)

@@ -69,7 +69,9 @@ def test_randomized_error_is_within_one_percent_of_optimal(rows, cols, rank, dec
     M = with_spectrum(rows, cols, s, seed)
     result = low_rank(M, RankPolicy("rank", rank), seed=seed)
     left, right = result.factors()
-    assert measured_error(M, left, right) <= 1.01 * optimal_error(M, rank) + 1e-6
+    error = measured_error(M, left, right)
+    assert error <= 1.01 * optimal_error(M, rank) + 1e-6
+    assert result.rel_error == pytest.approx(error, rel=1e-3, abs=1e-6)  # the reported error is the true one
 
 
 # ---- rank policies against their definitions on the full spectrum --------------------------------------------
