@@ -8,16 +8,19 @@ Part 1, per layer, in memory. A synthetic ΔW per Llama layer shape (hidden 2048
 hidden 4096: 4096×4096, and with --big 11008×4096) whose spectrum is a power law σ_i ∝ i^-0.8 over 256
 directions plus a Gaussian noise floor, like real fine-tunes. Per method: wall time, peak RssAnon above the
 process's level before the call (sampled from /proc in a thread), relative error and error / optimum, where the
-optimum is the Eckart–Young error from the full SVD. Methods: ``loratools.linalg.low_rank`` (randomized SVD
-at --rank), full ``torch.linalg.svd`` per layer (what kohya, mergekit, LyCORIS and PEFT do), and
-mergekit-extract-lora when installed.
+optimum is the error of the full SVD truncated at the same rank (Eckart–Young), measured the same way.
+Methods: ``loratools.linalg.low_rank`` (randomized SVD at --rank) and full ``torch.linalg.svd`` per layer (what
+kohya, mergekit, LyCORIS and PEFT do).
 
 Part 2, checkpoints on disk. A two-layer Llama pair at hidden 2048 / intermediate 5632 (bf16, tuned = base +
 the synthetic deltas on every projection + changed norms) in a temporary folder:
 - the I/O floor: open both checkpoints, read every projection pair and form the fp32 deltas (warm page cache);
 - ``loratools.extract.extract`` in this process (everything: plan, read, SVD, write) vs that floor;
 - whole processes ``python -m loratools extract`` (start-up included) with the randomized default vs
-  ``--exact`` (full SVD per layer, same I/O and start-up), with peak RssAnon sampled from /proc;
+  ``--exact`` (full SVD per layer, same I/O and start-up), with peak RssAnon sampled from /proc; the default
+  process once more with transformers made unimportable, to show what building the model on the meta device
+  for layer kinds costs at start-up;
+- mergekit-extract-lora as a process, when installed;
 - peak RssAnon of the randomized process again on a --memory-layers deep pair, to show it does not grow
   with depth. Target: ≤ 3 × the largest layer's fp32 size + 400 MB.
 """
@@ -100,17 +103,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def measure(device: str, func, *args, **kwargs):
+def measure(on: str, func, *args, **kwargs):
     """(seconds, peak RssAnon above the level before, peak GPU bytes or None, result) of func(*args, **kwargs)."""
     before = rss_anon()
-    if device.startswith("cuda"):
+    if on.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with PeakRss() as peak:
         start = time.perf_counter()
         result = func(*args, **kwargs)
-        sync(device)
+        sync(on)
         seconds = time.perf_counter() - start
-    gpu = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    gpu = torch.cuda.max_memory_allocated() if on.startswith("cuda") else None
     return seconds, max(0, peak.peak - before), gpu, result
 
 
@@ -126,16 +129,15 @@ def per_layer(args) -> list[dict]:
         r = args.rank
         t_rand, mem_rand, gpu_rand, lr = measure(args.device, low_rank, delta, RankPolicy("rank", r), seed=0)
         t_full, mem_full, gpu_full, (U, S, Vh) = measure(args.device, torch.linalg.svd, delta, full_matrices=False)
-        optimal = float((S[r:].double() ** 2).sum().sqrt() / S.double().norm())
-        energy = frobenius_energy(delta)
-        full_error = math.sqrt(residual_energy(delta, U[:, :r] * S[:r], Vh[:r]) / energy)
-        rand_error = math.sqrt(residual_energy(delta, *lr.factors()) / energy)  # measured, not the reported one
+        energy = frobenius_energy(delta)  # both errors measured the same way: the full SVD's is the optimum
+        optimal = math.sqrt(residual_energy(delta, U[:, :r] * S[:r], Vh[:r]) / energy)
+        rand_error = math.sqrt(residual_energy(delta, *lr.factors()) / energy)
         del U, S, Vh
         shape = f"{m}×{n}"
         rows.append(dict(shape=shape, method=f"loratools randomized (rank {r})", seconds=t_rand, rss=mem_rand,
                          gpu=gpu_rand, error=rand_error, ratio=rand_error / optimal, speedup=t_full / t_rand))
         rows.append(dict(shape=shape, method="full torch.linalg.svd", seconds=t_full, rss=mem_full, gpu=gpu_full,
-                         error=full_error, ratio=full_error / optimal, speedup=1.0))
+                         error=optimal, ratio=1.0, speedup=1.0))
         print(f"  {shape}: randomized {t_rand:.3f} s, full SVD {t_full:.2f} s", file=sys.stderr, flush=True)
     return rows
 
@@ -198,9 +200,14 @@ def run_process(argv: list[str]) -> tuple[float, int]:
     return seconds, peak.peak
 
 
-def extract_argv(base: Path, tuned: Path, out: Path, args, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "loratools", "extract", str(base), str(tuned), "-o", str(out), "--rank",
-            str(args.rank), "--threads", str(args.threads), "--device", args.device, "--quiet", *extra]
+# `python -m loratools` with transformers made unimportable: layer kinds then come from names and shapes
+NO_TRANSFORMERS = "import sys; sys.modules['transformers'] = None; from loratools.cli import main; main()"
+
+
+def extract_argv(base: Path, tuned: Path, out: Path, args, *extra: str, transformers: bool = True) -> list[str]:
+    start = ["-m", "loratools"] if transformers else ["-c", NO_TRANSFORMERS]
+    return [sys.executable, *start, "extract", str(base), str(tuned), "-o", str(out), "--rank", str(args.rank),
+            "--threads", str(args.threads), "--device", args.device, "--quiet", *extra]
 
 
 def mergekit_row(base: Path, tuned: Path, out: Path, args) -> dict | None:
@@ -221,6 +228,7 @@ def on_disk(args, work: Path) -> None:
     t_lib, _, _, result = measure(args.device, extract, base, tuned, work / "lib", policy=RankPolicy("rank", args.rank),
                                   device=args.device)
     t_rand, rss_rand = run_process(extract_argv(base, tuned, work / "rand", args, "--report", str(work / "rand.json")))
+    t_names, rss_names = run_process(extract_argv(base, tuned, work / "names", args, transformers=False))
     print(f"  randomized process {t_rand:.1f} s; now the full-SVD process", file=sys.stderr, flush=True)
     t_exact, rss_exact = run_process(extract_argv(base, tuned, work / "exact", args, "--exact", "--report",
                                                   str(work / "exact.json")))
@@ -233,9 +241,11 @@ def on_disk(args, work: Path) -> None:
     print(f"  loratools extract() in process (read, SVD, write)     {t_lib:8.2f} s   {t_lib / t_io:5.2f}× the I/O floor"
           "  (target ≤ 2×)")
     print(f"  process: loratools extract (randomized)             {t_rand:8.2f} s   peak RssAnon {rss_rand / 1e6:6.0f} MB")
+    print(f"  process: same, layer kinds from names (no transformers) {t_names:6.2f} s   peak RssAnon"
+          f" {rss_names / 1e6:6.0f} MB")
     print(f"  process: loratools extract --exact (full SVD)       {t_exact:8.2f} s   peak RssAnon {rss_exact / 1e6:6.0f} MB")
-    print(f"  whole-process speed-up {t_exact / t_rand:.1f}× (target ≥ 12×); worst layer error / optimal {worst:.4f}"
-          " (target ≤ 1.01)")
+    print(f"  whole-process speed-up {t_exact / t_rand:.1f}× ({t_exact / t_names:.1f}× without the transformers"
+          f" import; target ≥ 12×); worst layer error / optimal {worst:.4f} (target ≤ 1.01)")
     row = mergekit_row(base, tuned, work / "mergekit", args)
     if row is None:
         print("  mergekit-extract-lora: not installed, not measured")
