@@ -52,12 +52,15 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
+MEMORY_FIELD = "RssAnon" if "RssAnon:" in Path("/proc/self/status").read_text() else "VmRSS"  # gVisor lacks RssAnon
+
+
 def rss_anon(pid: int | str = "self") -> int:
-    """RssAnon of a process in bytes (0 once it has exited)."""
+    """RssAnon (else VmRSS) of a process in bytes; 0 once it has exited."""
     try:
         with open(f"/proc/{pid}/status") as status:
             for line in status:
-                if line.startswith("RssAnon:"):
+                if line.startswith(MEMORY_FIELD + ":"):
                     return int(line.split()[1]) * 1024
     except (FileNotFoundError, ProcessLookupError):
         pass
@@ -276,7 +279,8 @@ def main() -> None:
     cpu = (Path("/proc/cpuinfo").read_text().split("model name")[1].split("\n")[0].strip(" :\t")
            if Path("/proc/cpuinfo").exists() else "?")
     gpu = f", GPU {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""
-    print(f"torch {torch.__version__}, {args.threads} threads on {cpu}{gpu}", flush=True)
+    print(f"torch {torch.__version__}, {args.threads} threads on {cpu}{gpu}; memory from /proc: {MEMORY_FIELD}",
+          flush=True)
     rows = per_layer(args)
     print(f"\nPart 1: per layer, in memory, rank {args.rank}, device {args.device}")
     memory = "peak GPU MB" if args.device.startswith("cuda") else "peak ΔRssAnon MB"
