@@ -190,12 +190,12 @@ def _module_types_from_transformers(config: dict | None) -> tuple[Kinds | None, 
     except ImportError:
         return None, "", "transformers is not installed"
     arch = architectures[0]
-    cls = getattr(transformers, arch, None)
-    if cls is None or not hasattr(cls, "config_class"):
-        return None, "", f"transformers has no model class {arch}"
     previous = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     try:
+        cls = getattr(transformers, arch, None)
+        if cls is None or not hasattr(cls, "config_class"):
+            return None, "", f"transformers has no model class {arch}"
         with torch.device("meta"):
             model = cls(cls.config_class.from_dict(dict(config)))
     except Exception as exc:  # arbitrary model code: any failure means "decide by names and shapes"

@@ -234,3 +234,12 @@ def test_pairs_come_in_natural_order(tmp_path):
     base = {f"layers.{i}.proj.weight": torch.zeros(2, 2) for i in (10, 2, 1)}
     plan = plan_for(*write_pair(tmp_path, base, base))
     assert [p.module for p in plan.pairs] == ["layers.1.proj", "layers.2.proj", "layers.10.proj"]
+
+
+def test_an_architecture_transformers_does_not_know_falls_back_to_heuristics():
+    from loratools.plan import layer_kinds
+
+    kinds, source = layer_kinds({"blk.embed_tokens.weight": (10, 4), "blk.proj.weight": (4, 4)},
+                                {"architectures": ["NoSuchModelForCausalLM"], "model_type": "nosuch"})
+    assert "heuristics" in source and "no model class NoSuchModelForCausalLM" in source
+    assert kinds["blk.embed_tokens.weight"][0] == "embedding" and kinds["blk.proj.weight"][0] == "linear"
