@@ -216,7 +216,8 @@ def _render_extract(result) -> None:
 @cli.command("extract")
 @click.argument("base")
 @click.argument("tuned")
-@click.option("-o", "--output", "out", required=True, help="A PEFT folder, or a .safetensors file (kohya / bare PEFT).")
+@click.option("-o", "--output", "out", required=True, metavar="PATH",
+              help="A PEFT folder, or a .safetensors file (kohya / bare PEFT).")
 @rank_policy_options(default_rank=16)
 @click.option("--conv-rank", type=click.IntRange(min=1), help="Fixed rank for conv2d layers (default: the policy).")
 @click.option("--embeddings", type=click.Choice(["lora", "full", "skip"]), default="lora", show_default=True,
@@ -226,14 +227,16 @@ def _render_extract(result) -> None:
 @click.option("--include", multiple=True, metavar="PATTERN", help="Only tensors matching (glob; plain words: substring).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave out tensors matching. Repeatable.")
 @click.option("--skip-mismatched", is_flag=True, help="Skip (and list) tensors whose shapes differ instead of failing.")
-@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True,
+              help="PEFT folder (or file), or a kohya / A1111 / ComfyUI file.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), help="Written dtype (default: the tuned weights').")
 @click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
               help="Precision of ΔW and the SVD.")
 @click.option("--exact", is_flag=True, help="Full SVD per layer (slow); the report gains optimal_rel_error.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--oversample", type=click.IntRange(min=0), help="Extra sketch columns [default: max(10, rank)].")
-@click.option("--power-iters", type=click.IntRange(min=0), default=3, show_default=True)
+@click.option("--power-iters", type=click.IntRange(min=0), default=3, show_default=True,
+              help="Power iterations of the randomized SVD.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Also write the report as JSON to this file.")
