@@ -7,14 +7,19 @@ matched against the module name and the tensor name; a pattern without wildcards
 
 Decision — layer kinds (`layer_kinds`):
 
-- When transformers is importable and ``config.json`` names an architecture it knows, the model is built on
+- When transformers is importable and ``config.json`` names an architecture whose modeling code uses
+  transformers' ``Conv1D`` (the source file is scanned as text, without importing it), the model is built on
   the meta device (no memory, no weights) and each tensor's module type decides: ``nn.Linear`` → linear,
   ``nn.Embedding`` → embedding, transformers ``Conv1D`` (GPT-2 family, stored (in, out)) → conv1d,
   ``nn.Conv2d`` (groups = 1) → conv2d. Any other parameter (norms, biases, grouped or 1-D convolutions,
   raw parameters) cannot be a PEFT LoRA target and is a whole tensor. Names are matched with and without the
   model's ``base_model_prefix``.
-- Otherwise (single files such as diffusion checkpoints, remote-code architectures, no transformers, or names
-  the model does not have) names and shapes decide: a 4-D ``*.weight`` → conv2d; a 2-D ``*.weight`` whose
+  Building the model costs the import of transformers' modeling code (about 6 s on a 2-core machine), so it
+  is done only where it is needed: to tell a square Conv1D (stored (in, out)) from a Linear. Architectures
+  whose modeling code has no Conv1D (Llama, Mistral, Qwen, Gemma, …) and architectures transformers does not
+  ship (remote code) are built too only in the second case.
+- Otherwise (single files such as diffusion checkpoints, architectures without Conv1D, no transformers, or
+  names the model does not have) names and shapes decide: a 4-D ``*.weight`` → conv2d; a 2-D ``*.weight`` whose
   leaf name is an embedding name (``embed_tokens``, ``wte``, ``*_embedding`` …) → embedding; a 2-D weight
   whose bias has length shape[1] ≠ shape[0] is stored (in, out) → conv1d, and so is any weight sharing a leaf
   name with such a layer unless its own bias says otherwise (GPT-2's square attention ``c_proj``); any
@@ -24,9 +29,11 @@ Decision — layer kinds (`layer_kinds`):
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -184,6 +191,8 @@ def _module_types_from_transformers(config: dict | None) -> tuple[Kinds | None, 
     architectures = (config or {}).get("architectures") or []
     if not architectures:
         return None, "", "no config.json naming an architecture"
+    if _modeling_source_lacks_conv1d(config.get("model_type")):
+        return None, "", f"{config.get('model_type')} modeling code has no Conv1D layers"
     try:
         import transformers
         from transformers.pytorch_utils import Conv1D
@@ -219,6 +228,19 @@ def _module_types_from_transformers(config: dict | None) -> tuple[Kinds | None, 
             lora = kind if param == "weight" else None
             types[name] = (lora, f"{type(module).__name__}.{param} in {arch}")
     return types, cls.base_model_prefix, f"transformers: {arch} built on the meta device"
+
+
+def _modeling_source_lacks_conv1d(model_type: str | None) -> bool:
+    """True when transformers ships modeling code for `model_type` and its text never mentions Conv1D."""
+    try:
+        spec = importlib.util.find_spec("transformers") if model_type else None
+    except ValueError:  # transformers is in sys.modules as None: treated as not installed
+        return False
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    folder = Path(spec.submodule_search_locations[0]) / "models" / model_type.replace("-", "_")
+    sources = list(folder.glob("modeling_*.py"))
+    return bool(sources) and not any("Conv1D" in source.read_text(errors="replace") for source in sources)
 
 
 def _heuristic_kinds(shapes: dict[str, tuple[int, ...]]) -> Kinds:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from loratools import plan as plan_module
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import LoratoolsError, ShapeError
 from tests.conftest import LLAMA_BASE, LLAMA_TUNED, SD_BASE, SD_TUNED
@@ -72,7 +73,7 @@ def test_llama_pairs_every_projection_and_lists_norms_as_whole_tensors():
         f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")
     }
     assert not any(w.save for w in whole.values())
-    assert plan.kind_source.startswith("transformers")
+    assert plan.kind_source == "name/shape heuristics (llama modeling code has no Conv1D layers)"
     assert plan.task_type == "CAUSAL_LM"
     assert plan.only_in_base == plan.only_in_tuned == plan.mismatched == []
 
@@ -87,7 +88,10 @@ def test_pair_shapes_and_lora_matrix_shapes():
 
 
 def test_heuristics_agree_with_transformers_on_llama(monkeypatch):
-    with_model = plan_for(LLAMA_BASE, LLAMA_TUNED)
+    with monkeypatch.context() as patch:
+        patch.setattr(plan_module, "_modeling_source_lacks_conv1d", lambda model_type: False)
+        with_model = plan_for(LLAMA_BASE, LLAMA_TUNED)
+    assert with_model.kind_source == "transformers: LlamaForCausalLM built on the meta device"
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
     plan = plan_for(LLAMA_BASE, LLAMA_TUNED)
     assert "heuristics" in plan.kind_source and "transformers is not installed" in plan.kind_source
@@ -208,14 +212,23 @@ def test_conv1d_heuristic_reads_the_bias_shape(tmp_path):
     assert "bias" in next(p for p in plan.pairs if p.module == "blk.fc").why
 
 
-def test_layer_kinds_follow_the_module_types_of_the_architecture():
+def test_layer_kinds_follow_the_module_types_of_the_architecture(monkeypatch):
     from loratools.plan import layer_kinds
 
+    monkeypatch.setattr(plan_module, "_modeling_source_lacks_conv1d", lambda model_type: False)
     kinds, source = layer_kinds({"model.norm.weight": (64,), "model.layers.0.self_attn.q_proj.weight": (64, 64)},
                                 json.loads((LLAMA_BASE / "config.json").read_text()))
     assert kinds["model.norm.weight"][0] is None
     assert kinds["model.layers.0.self_attn.q_proj.weight"][0] == "linear"
     assert "LlamaForCausalLM" in source
+
+
+def test_architectures_without_conv1d_skip_the_model_build():
+    from loratools.plan import _modeling_source_lacks_conv1d
+
+    assert _modeling_source_lacks_conv1d("llama") and _modeling_source_lacks_conv1d("mistral")
+    assert not _modeling_source_lacks_conv1d("gpt2")  # Conv1D: the model decides
+    assert not _modeling_source_lacks_conv1d("some_remote_code_model")  # unknown: the model decides
 
 
 # ---- names and shapes only --------------------------------------------------------------------------------------
