@@ -346,6 +346,10 @@ def test_device_cuda_without_a_gpu_is_one_error_line(tmp_path):
 def test_cuda_matches_cpu(tmp_path):
     cpu = extract(LLAMA_BASE, LLAMA_TUNED, tmp_path / "cpu", policy=RankPolicy("energy", 0.95))
     gpu = extract(LLAMA_BASE, LLAMA_TUNED, tmp_path / "gpu", policy=RankPolicy("energy", 0.95), device="cuda")
-    assert [x.rank for x in cpu.layers] == [x.rank for x in gpu.layers]
-    for a, b in zip(cpu.layers, gpu.layers, strict=True):
-        assert a.rel_error == pytest.approx(b.rel_error, rel=1e-3, abs=1e-6)
+    exact = extract(LLAMA_BASE, LLAMA_TUNED, tmp_path / "exact", policy=RankPolicy("energy", 0.95), exact=True)
+    assert [x.rank for x in cpu.layers] == [x.rank for x in gpu.layers] == [x.rank for x in exact.layers]
+    # GPU and CPU kernels round differently, so the randomized iterations differ in the last digits; on the
+    # flat noise-only layers (lm_head, embeddings) that shows as ~0.1% in the error. Both must stay near-optimal.
+    for a, b, best in zip(cpu.layers, gpu.layers, exact.layers, strict=True):
+        assert a.rel_error == pytest.approx(b.rel_error, rel=5e-3, abs=1e-6)
+        assert b.rel_error <= 1.01 * best.rel_error + 1e-7
