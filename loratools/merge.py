@@ -32,6 +32,7 @@ from loratools.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, TensorIndex, open
 from loratools.errors import LoratoolsError, ShapeError
 from loratools.formats import KOHYA_PREFIXES, resolve_kohya_names
 from loratools.operations import Progress, load_usable
+from loratools.plan import find_tensor, fit_module
 from loratools.writer import (
     OUTPUT_DTYPES,
     TensorSpec,
@@ -74,19 +75,6 @@ class Contribution:
     full: torch.Tensor | None = None
 
 
-def _find_tensor(name: str, index: TensorIndex) -> str | None:
-    if name in index:
-        return name
-    candidates = [t for t in index.tensors if t.endswith("." + name)]
-    return candidates[0] if len(candidates) == 1 else None
-
-
-def _delta_fits(module: LoraModule, shape: tuple[int, ...]) -> bool:
-    if module.base_shape == shape:
-        return True
-    return module.kind == "linear" and shape[2:] == (1, 1) and module.base_shape == shape[:2]
-
-
 def plan_merge(
     index: TensorIndex, adapters: Sequence[os.PathLike | str], weights: Sequence[float]
 ) -> dict[str, list[Contribution]]:
@@ -103,19 +91,20 @@ def plan_merge(
         if any(name.startswith(KOHYA_PREFIXES) for name in adapter.modules):
             adapter = resolve_kohya_names(adapter, base_names)
         for name, module in adapter.modules.items():
-            target = _find_tensor(name + ".weight", index)
+            target = find_tensor(name + ".weight", index)
             if target is None:
                 unmatched.append(name)
                 continue
             shape = index.info(target).shape
-            if not _delta_fits(module, shape):
+            module = fit_module(module, shape)
+            if module is None:
                 raise ShapeError(
-                    f"{target}: base tensor has shape {shape} but {path} holds a {module.kind} LoRA {name} for"
-                    f" shape {module.base_shape}; the adapter was made for another model"
+                    f"{target}: base tensor has shape {shape} but {path} holds a {adapter.modules[name].kind} LoRA"
+                    f" {name} for shape {adapter.modules[name].base_shape}; the adapter was made for another model"
                 )
             ops.setdefault(target, []).append(Contribution(weight, module=module))
         for name, tensor in adapter.full.items():
-            target = _find_tensor(name, index)
+            target = find_tensor(name, index)
             if target is None:
                 unmatched.append(name)
                 continue

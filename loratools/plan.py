@@ -28,6 +28,7 @@ Decision — layer kinds (`layer_kinds`):
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import importlib.util
 import re
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from loratools.adapter import TRANSPOSED_KINDS
+from loratools.adapter import TRANSPOSED_KINDS, LoraModule
 from loratools.checkpoint import TensorIndex
 from loratools.errors import CheckpointError, LoratoolsError, ShapeError
 
@@ -353,3 +354,33 @@ def _check(plan: Plan, base: TensorIndex, tuned: TensorIndex, include: list[str]
         )
     if include and not plan.pairs and not plan.whole:
         raise LoratoolsError(f"--include {' '.join(include)} matched no tensor shared by both checkpoints")
+
+
+# ---- adapters against a base checkpoint ----------------------------------------------------------------------
+
+
+def find_tensor(name: str, index: TensorIndex) -> str | None:
+    """The checkpoint tensor an adapter entry applies to: `name` itself, else the one tensor ending in
+    ``.<name>`` (a checkpoint saved without the wrapper prefix the adapter was made with); None if none or
+    several match."""
+    if name in index:
+        return name
+    candidates = [t for t in index.tensors if t.endswith("." + name)]
+    return candidates[0] if len(candidates) == 1 else None
+
+
+def fit_module(module: LoraModule, shape: tuple[int, ...]) -> LoraModule | None:
+    """`module` as it applies to a base weight of `shape`, or None when its delta cannot fit.
+
+    PEFT has one ``fan_in_fan_out`` flag per adapter and decides per layer from the module's class, so a
+    GPT-2 adapter's ``lm_head`` (Linear) reads as conv1d: a non-square weight whose shape only fits the
+    other layout flips between linear and conv1d. A linear LoRA on a 1×1 convolution (out, in, 1, 1) fits as
+    that convolution's delta (callers reshape).
+    """
+    if module.base_shape == tuple(shape):
+        return module
+    if module.kind == "linear" and tuple(shape[2:]) == (1, 1) and module.base_shape == tuple(shape[:2]):
+        return module
+    if module.kind in ("linear", "conv1d") and module.base_shape[::-1] == tuple(shape):
+        return dataclasses.replace(module, kind="linear" if module.kind == "conv1d" else "conv1d")
+    return None

@@ -32,7 +32,7 @@ from loratools.adapter_files import load_adapter
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.formats import KOHYA_PREFIXES, resolve_kohya_names
 from loratools.linalg import RankPolicy, frobenius_energy, low_rank, residual_energy
-from loratools.plan import natural_key, plan_extract
+from loratools.plan import find_tensor, fit_module, natural_key, plan_extract
 
 
 @dataclass
@@ -136,13 +136,6 @@ class VerifyReport:
         return {"layers": [layer.to_json() for layer in self.layers], "summary": self.summary()}
 
 
-def _find_tensor(name: str, index: TensorIndex) -> str | None:
-    if name in index:
-        return name
-    candidates = [t for t in index.tensors if t.endswith("." + name)]
-    return candidates[0] if len(candidates) == 1 else None
-
-
 def _match(
     adapter: Adapter, base: TensorIndex, tuned: TensorIndex
 ) -> tuple[dict[str, tuple[LoraModule | None, torch.Tensor | None, str]], dict[str, str]]:
@@ -152,19 +145,21 @@ def _match(
     wanted = [(n + ".weight", n, m, None, m.base_shape) for n, m in adapter.modules.items()]
     wanted += [(n, n, None, t, tuple(t.shape)) for n, t in adapter.full.items()]
     for tensor_name, name, module, full, shape in wanted:
-        found = _find_tensor(tensor_name, base)
+        found = find_tensor(tensor_name, base)
+        base_shape = base.info(found).shape if found is not None else None
+        fitted = fit_module(module, base_shape) if module is not None and base_shape is not None else None
         if found is None:
             unmatched[name] = f"no tensor {tensor_name} in {base.path}"
         elif found not in tuned:
             unmatched[name] = f"{found} is not in {tuned.path}"
-        elif base.info(found).shape != tuned.info(found).shape:
-            unmatched[name] = f"{found} has shape {base.info(found).shape} in base, {tuned.info(found).shape} in tuned"
-        elif base.info(found).shape != shape:
+        elif base_shape != tuned.info(found).shape:
+            unmatched[name] = f"{found} has shape {base_shape} in base, {tuned.info(found).shape} in tuned"
+        elif (fitted is None) if module is not None else (base_shape != shape):
             what = f"a {module.kind} LoRA" if module is not None else "a full tensor"
-            unmatched[name] = f"{what} for shape {shape}, but {found} has shape {base.info(found).shape}"
+            unmatched[name] = f"{what} for shape {shape}, but {found} has shape {base_shape}"
         else:
             old_module, old_full, old_name = targets.get(found, (None, None, name))
-            targets[found] = (module or old_module, full if full is not None else old_full, old_name)
+            targets[found] = (fitted or old_module, full if full is not None else old_full, old_name)
     return targets, unmatched
 
 

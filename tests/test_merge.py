@@ -288,3 +288,25 @@ def test_output_rules(tmp_path):
     assert "2 weights for 1 adapters" in result.output
     with pytest.raises(ShapeError):
         merge(SD_BASE, [SD_KOHYA, LLAMA_PEFT], tmp_path / "y.safetensors")
+
+
+def test_merge_equals_peft_when_linear_and_conv1d_layers_share_one_fan_in_fan_out_flag(tmp_path):
+    # PEFT writes one fan_in_fan_out flag per adapter and decides per layer from the module class: GPT-2's
+    # lm_head is a Linear among Conv1D layers. The base shapes must settle each layer's layout here too.
+    torch.manual_seed(1)
+    gpt2_config = transformers.GPT2Config(
+        n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=16, tie_word_embeddings=False
+    )
+    transformers.GPT2LMHeadModel(gpt2_config).save_pretrained(str(tmp_path / "base"))
+    base_model = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "base")).eval()
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn", "lm_head"], fan_in_fan_out=True, init_lora_weights=False
+    )
+    model = peft.get_peft_model(base_model, config)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    reference = {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
+    out = tmp_path / "merged"
+    run_cli("merge", tmp_path / "base", tmp_path / "adapter", "-o", out)
+    ours = read_model(out)
+    assert max(float((ours[k] - reference[k]).abs().max()) for k in ours) <= 1e-6
+    assert float((ours["lm_head.weight"] - read_model(tmp_path / "base")["lm_head.weight"]).abs().max()) > 1e-3
