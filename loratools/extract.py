@@ -37,9 +37,8 @@ from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import CheckpointError, FormatError, LoratoolsError
 from loratools.linalg import RankPolicy, compute_dtype, frobenius_energy, low_rank
 from loratools.plan import LayerPair, Plan, WholeTensor, natural_key, plan_extract
-from loratools.writer import check_output
+from loratools.writer import OUTPUT_DTYPES, check_output
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 Progress = Callable[[int, int, str], None]
 SUB_CHUNK = 1 << 20  # elements per block when subtracting the base
 
@@ -276,8 +275,8 @@ def extract(
     started = time.perf_counter()
     if format not in ("peft", "kohya"):
         raise FormatError(f"--format {format!r}: choose peft or kohya")
-    if dtype is not None and dtype not in DTYPES:
-        raise LoratoolsError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
+        raise LoratoolsError(f"--dtype {dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
     work_dtype = compute_dtype(precision)
     torch_device = _check_device(device)
     check_output(out, [base, tuned], force)
@@ -285,7 +284,7 @@ def extract(
         plan = plan_extract(base_index, tuned_index, include=include, exclude=exclude, embeddings=embeddings,
                             save_full=save_full, skip_mismatched=skip_mismatched)
         _check_format(plan, format)
-        out_dtype = DTYPES[dtype] if dtype else _tuned_dtype(plan, tuned_index)
+        out_dtype = OUTPUT_DTYPES[dtype] if dtype else _tuned_dtype(plan, tuned_index)
         summary = ExtractSummary(
             base=str(base), tuned=str(tuned), output=str(out), format=format,
             dtype=str(out_dtype).removeprefix("torch."), rank_policy=_describe(policy, conv_rank),
@@ -365,7 +364,7 @@ def _check_format(plan: Plan, format: str) -> None:
 
 def _tuned_dtype(plan: Plan, tuned: TensorIndex) -> torch.dtype:
     counts = Counter(tuned.tensors[p.tensor].dtype for p in plan.pairs)
-    floating = [d for d, _ in counts.most_common() if d in DTYPES.values()]
+    floating = [d for d, _ in counts.most_common() if d in OUTPUT_DTYPES.values()]
     return floating[0] if floating else torch.float32
 
 
