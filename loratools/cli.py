@@ -418,6 +418,14 @@ def _listing(title: str, rows: list[tuple[str, str]], limit: int = 20):
     return _key_value_grid([(f"{title} ({len(rows)}):", "")] + [(f"  {k}", v) for k, v in shown])
 
 
+def _print_listings(console: Console, sections: list[tuple[str, list[tuple[str, str]]]]) -> None:
+    """Print each non-empty (title, rows) listing, separated by blank lines."""
+    for title, rows in sections:
+        if rows:
+            console.print()
+            console.print(_listing(title, rows))
+
+
 def _fraction(value: float | None) -> str:
     return "-" if value is None else f"{value:.4g}"
 
@@ -453,10 +461,7 @@ def _render_verify(report) -> None:
         ("tensors only in tuned", [(n, "") for n in report.only_in_tuned]),
         ("tensors whose shape differs between base and tuned", [(n, "") for n in report.mismatched]),
     ]
-    for title, rows in sections:
-        if rows:
-            console.print()
-            console.print(_listing(title, rows))
+    _print_listings(console, sections)
 
 
 @cli.command("verify")
@@ -553,10 +558,7 @@ def _render_spectrum(report) -> None:
         ("tensors only in tuned", [(n, "") for n in report.only_in_tuned]),
         ("tensors whose shape differs between base and tuned", [(n, "") for n in report.mismatched]),
     ]
-    for title, rows in sections:
-        if rows:
-            console.print()
-            console.print(_listing(title, rows))
+    _print_listings(console, sections)
 
 
 @cli.command("spectrum")

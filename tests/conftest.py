@@ -52,3 +52,15 @@ def logits(model, ids: torch.Tensor | None = None) -> torch.Tensor:
         ids = torch.arange(2 * 12).reshape(2, 12) % 250 + 3
     with torch.no_grad():
         return model(ids).logits
+
+
+def tiny_random_llama(seed: int):
+    """A randomly initialised LlamaForCausalLM (hidden 32, 2 layers, GQA, vocab 64), seeded."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, max_position_embeddings=32,
+    )
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config)

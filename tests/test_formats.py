@@ -15,7 +15,7 @@ from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_files import load_adapter, save_adapter
 from loratools.errors import FormatError
 from loratools.formats import detect_format, kohya_stem, parse, render_kohya, render_peft, resolve_kohya_names
-from tests.conftest import LLAMA_PEFT, SD_BASE, SD_KOHYA
+from tests.conftest import LLAMA_PEFT, SD_BASE, SD_KOHYA, tiny_random_llama
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -261,13 +261,8 @@ def test_kohya_written_here_converts_back_to_dotted_names(tmp_path):
 
 def test_peft_created_adapter_parses_to_identical_deltas(tmp_path):
     peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
+    pytest.importorskip("transformers")
+    model = tiny_random_llama(seed=0)
     config = peft.LoraConfig(
         r=4, lora_alpha=12, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
         rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 3}, init_lora_weights=False,

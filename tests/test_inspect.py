@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from loratools.errors import LoratoolsError
 from loratools.inspection import inspect_adapter
-from tests.conftest import LLAMA_PEFT, SD_BASE, SD_KOHYA, SD_TUNED, run_cli
+from tests.conftest import LLAMA_PEFT, SD_BASE, SD_KOHYA, SD_TUNED, run_cli, tiny_random_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
 
@@ -20,13 +20,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 def peft_adapter(tmp_path, **lora_kwargs):
     """Save a PEFT adapter of a tiny random Llama (B ≠ 0); return (folder, {module name: PEFT's own ΔW})."""
     peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64, max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config)
+    pytest.importorskip("transformers")
+    model = tiny_random_llama(seed=0)
     lora = peft.LoraConfig(target_modules=TARGETS, init_lora_weights=False, **lora_kwargs)
     wrapped = peft.get_peft_model(model, lora)
     folder = tmp_path / "peft-adapter"

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from loratools.adapter_files import load_adapter, save_adapter
 from loratools.verify import verify_adapter
-from tests.conftest import LLAMA_BASE, LLAMA_PEFT, LLAMA_TUNED, SD_BASE, SD_KOHYA, SD_TUNED, run_cli
+from tests.conftest import LLAMA_BASE, LLAMA_PEFT, LLAMA_TUNED, SD_BASE, SD_KOHYA, SD_TUNED, run_cli, tiny_random_llama
 
 
 def dense_reference(base: dict, tuned: dict, adapter) -> dict[str, tuple[float, float]]:
@@ -100,13 +100,8 @@ def test_cli_table_names_layers_and_coverage():
 def test_exact_pair_made_by_peft_merge_and_unload(tmp_path):
     """PEFT itself makes the pair: base model, adapter (embedding included), and the merged model."""
     peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64, max_position_embeddings=32,
-    )
-    torch.manual_seed(1)
-    model = transformers.LlamaForCausalLM(config)
+    pytest.importorskip("transformers")
+    model = tiny_random_llama(seed=1)
     model.save_pretrained(str(tmp_path / "base"))
     lora = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
                            init_lora_weights=False, rank_pattern={"down_proj": 2})
