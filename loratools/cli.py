@@ -24,11 +24,15 @@ CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 
 
 
 class LoratoolsGroup(click.Group):
-    """A click group that turns library errors into one line and exit code 2."""
+    """A click group that turns library and usage errors into one line and exit code 2."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            click.echo(f"error: {exc.format_message()} (see '{command} --help')", err=True)
+            ctx.exit(2)
         except LoratoolsError as exc:
             if ctx.params.get("debug"):
                 raise
@@ -39,7 +43,7 @@ class LoratoolsGroup(click.Group):
             ctx.exit(130)
 
 
-@click.group(cls=LoratoolsGroup, context_settings=CONTEXT_SETTINGS)
+@click.group("loratools", cls=LoratoolsGroup, context_settings=CONTEXT_SETTINGS)
 @click.version_option(__version__, "--version", prog_name="loratools")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def cli(debug: bool) -> None:

@@ -52,3 +52,10 @@ def test_python_dash_m_entry_point():
 
     done = subprocess.run([sys.executable, "-m", "loratools", "--version"], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == f"loratools, version {__version__}"
+
+
+def test_usage_errors_are_one_line_too(runner):
+    result = runner.invoke(cli, ["inspect", "/no/such/adapter.safetensors"])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert "/no/such/adapter.safetensors" in result.stderr and "loratools inspect --help" in result.stderr
