@@ -353,3 +353,12 @@ def test_cuda_matches_cpu(tmp_path):
     for a, b, best in zip(cpu.layers, gpu.layers, exact.layers, strict=True):
         assert a.rel_error == pytest.approx(b.rel_error, rel=5e-3, abs=1e-6)
         assert b.rel_error <= 1.01 * best.rel_error + 1e-7
+
+
+def test_existing_report_file_is_refused_before_any_work(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text("keep me")
+    line = one_error_line(run_cli("extract", SD_BASE, SD_TUNED, "-o", tmp_path / "a.safetensors", "--format", "kohya",
+                                  "--report", report, expect=2))
+    assert "report.json" in line and "--force" in line
+    assert report.read_text() == "keep me" and not (tmp_path / "a.safetensors").exists()
