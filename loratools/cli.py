@@ -424,6 +424,15 @@ def _listing(title: str, rows: list[tuple[str, str]], limit: int = 20):
     return _key_value_grid([(f"{title} ({len(rows)}):", "")] + [(f"  {k}", v) for k, v in shown])
 
 
+def _pairing_listings(report) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The base/tuned pairing problems every BASE TUNED report carries, as listings."""
+    return [
+        ("tensors only in base", [(n, "") for n in report.only_in_base]),
+        ("tensors only in tuned", [(n, "") for n in report.only_in_tuned]),
+        ("tensors whose shape differs between base and tuned", [(n, "") for n in report.mismatched]),
+    ]
+
+
 def _print_listings(console: Console, sections: list[tuple[str, list[tuple[str, str]]]]) -> None:
     """Print each non-empty (title, rows) listing, separated by blank lines."""
     for title, rows in sections:
@@ -463,11 +472,8 @@ def _render_verify(report) -> None:
         ("changed tensors the adapter does not touch", [(n, str(s)) for n, s in report.uncovered]),
         ("adapter modules matching no tensor", sorted(report.unmatched.items())),
         ("unsupported adapter modules, not verified", sorted(report.unsupported.items())),
-        ("tensors only in base", [(n, "") for n in report.only_in_base]),
-        ("tensors only in tuned", [(n, "") for n in report.only_in_tuned]),
-        ("tensors whose shape differs between base and tuned", [(n, "") for n in report.mismatched]),
     ]
-    _print_listings(console, sections)
+    _print_listings(console, sections + _pairing_listings(report))
 
 
 @cli.command("verify")
@@ -560,11 +566,8 @@ def _render_spectrum(report) -> None:
     console.print(_key_value_grid([("unchanged tensors", str(report.unchanged))]))
     sections = [
         ("changed tensors that cannot be a LoRA", [(n, str(s)) for n, s in report.changed_whole]),
-        ("tensors only in base", [(n, "") for n in report.only_in_base]),
-        ("tensors only in tuned", [(n, "") for n in report.only_in_tuned]),
-        ("tensors whose shape differs between base and tuned", [(n, "") for n in report.mismatched]),
     ]
-    _print_listings(console, sections)
+    _print_listings(console, sections + _pairing_listings(report))
 
 
 @cli.command("spectrum")
