@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from loratools.errors import FormatError, ShapeError
+from loratools.errors import FormatError
 
 KINDS = ("linear", "conv2d", "embedding", "conv1d")
 TRANSPOSED_KINDS = ("embedding", "conv1d")
@@ -47,17 +47,6 @@ def base_layout(matrix: torch.Tensor, kind: str, shape: tuple[int, ...]) -> torc
     if kind in TRANSPOSED_KINDS:
         return matrix.T
     return matrix.reshape(shape)
-
-
-def module_kind(shape: tuple[int, ...], *, embedding: bool = False, conv1d: bool = False) -> str:
-    """The kind of a base weight from its shape and what the architecture says about it."""
-    if len(shape) == 4:
-        return "conv2d"
-    if len(shape) != 2:
-        raise ShapeError(f"a LoRA needs a 2-D or 4-D weight, got shape {tuple(shape)}")
-    if embedding:
-        return "embedding"
-    return "conv1d" if conv1d else "linear"
 
 
 @dataclass
@@ -132,10 +121,11 @@ class LoraModule:
     ) -> LoraModule:
         """Build a module from 2-D factors left (rows, r) and right (r, cols), with scale = alpha / r folded out.
 
-        The LoRA matrix is left @ right; B and A are stored so that scale · B · A equals it exactly.
+        The LoRA matrix is left @ right; B and A are stored so that scale · B · A equals it (up to rounding).
+        Args: left (rows, r), right (r, cols); base_shape: the adapted weight's shape; r ≥ 1.
         """
         rank = right.shape[0]
-        b = left / (alpha / rank) if rank else left
+        b = left / (alpha / rank)
         if kind == "conv2d":
             return cls(name, right.reshape(rank, *base_shape[1:]), b.reshape(*b.shape, 1, 1), alpha, kind)
         return cls(name, right, b, alpha, kind)
