@@ -80,7 +80,7 @@ def layer_delta(
     matrix = lora_matrix(delta, pair.kind)
     energy = frobenius_energy(matrix)
     if not math.isfinite(energy):
-        raise CheckpointError(_non_finite_message(pair.tensor, base, tuned))
+        raise non_finite_error(pair.tensor, base, tuned)
     return LayerDelta(pair, matrix, energy)
 
 
@@ -106,14 +106,15 @@ def layer_deltas(
         yield layer_delta(base, tuned, pair, dtype=dtype, device=device)
 
 
-def _non_finite_message(tensor: str, base: TensorIndex, tuned: TensorIndex) -> str:
+def non_finite_error(tensor: str, base: TensorIndex, tuned: TensorIndex) -> CheckpointError:
+    """The error for a non-finite ΔW of `tensor`, naming the checkpoint and file that hold the nan/inf."""
     for index in (tuned, base):
         if not bool(torch.isfinite(index.get(tensor)).all()):
-            return (
+            return CheckpointError(
                 f"{tensor}: non-finite values (nan or inf) in {index.path} ({index.info(tensor).file.name}); "
                 "the checkpoint is corrupt or overflowed: repair it, or leave the tensor out with --exclude"
             )
-    return f"{tensor}: tuned − base overflows (non-finite ΔW); leave the tensor out with --exclude"
+    return CheckpointError(f"{tensor}: tuned − base overflows (non-finite ΔW); leave the tensor out with --exclude")
 
 
 @dataclass

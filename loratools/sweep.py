@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loratools.adapter import lora_matrix
 from loratools.checkpoint import open_checkpoint
 from loratools.errors import LoratoolsError
-from loratools.linalg import frobenius_energy, randomized_svd, residual_energy
+from loratools.extract import LayerDelta, layer_delta
+from loratools.linalg import randomized_svd, residual_energy
 from loratools.plan import plan_extract
 
 DEFAULT_RANKS = (4, 8, 16, 32, 64)
@@ -263,29 +263,34 @@ def rank_spectrum(
         )
         todo = [(p.tensor, p) for p in plan.pairs] + [(w.tensor, None) for w in plan.whole]
         for done, (tensor, pair) in enumerate(todo, 1):
-            b, t = base_index.get(tensor), tuned_index.get(tensor)
-            if torch.equal(b, t):
-                report.unchanged += 1
-            elif pair is None:
-                report.changed_whole.append((tensor, tuple(b.shape)))
+            if pair is None:
+                b, t = base_index.get(tensor), tuned_index.get(tensor)
+                if torch.equal(b, t):
+                    report.unchanged += 1
+                else:
+                    report.changed_whole.append((tensor, tuple(b.shape)))
             else:
-                delta = lora_matrix(t.to(device, torch.float32) - b.to(device, torch.float32), pair.kind)
-                report.layers.append(_layer_spectrum(pair.module, tensor, pair.kind, delta, k, exact, seed))
+                delta = layer_delta(base_index, tuned_index, pair, device=device)
+                if delta.energy == 0:
+                    report.unchanged += 1
+                else:
+                    report.layers.append(_layer_spectrum(pair.module, tensor, pair.kind, delta, k, exact, seed))
+                del delta
             if progress is not None:
                 progress(done, len(todo), tensor)
     return report
 
 
 def _layer_spectrum(
-    name: str, tensor: str, kind: str, delta: torch.Tensor, k: int, exact: bool, seed: int
+    name: str, tensor: str, kind: str, delta: LayerDelta, k: int, exact: bool, seed: int
 ) -> LayerSpectrum:
-    """The top-k (or full) spectrum of one (rows, cols) delta."""
-    full = min(delta.shape)
+    """The top-k (or full) spectrum of one layer's (rows, cols) ΔW."""
+    matrix = delta.matrix
+    full = min(matrix.shape)
     if exact:
-        s, tail = torch.linalg.svdvals(delta), 0.0
+        s, tail = torch.linalg.svdvals(matrix), 0.0
     else:
-        U, s, Vh = randomized_svd(delta, min(k, full), seed=seed)
-        tail = 0.0 if len(s) == full else residual_energy(delta, U * s, Vh)
-    shape = (int(delta.shape[0]), int(delta.shape[1]))
-    total = frobenius_energy(delta)
-    return LayerSpectrum(name, tensor, kind, shape, s.float().cpu(), total, len(s) == full, tail)
+        U, s, Vh = randomized_svd(matrix, min(k, full), seed=seed)
+        tail = 0.0 if len(s) == full else residual_energy(matrix, U * s, Vh)
+    shape = (int(matrix.shape[0]), int(matrix.shape[1]))
+    return LayerSpectrum(name, tensor, kind, shape, s.float().cpu(), delta.energy, len(s) == full, tail)

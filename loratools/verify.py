@@ -30,6 +30,8 @@ import torch
 from loratools.adapter import Adapter, LoraModule, lora_matrix
 from loratools.adapter_files import load_adapter
 from loratools.checkpoint import TensorIndex, open_checkpoint
+from loratools.errors import FormatError
+from loratools.extract import non_finite_error
 from loratools.formats import KOHYA_PREFIXES, resolve_kohya_names
 from loratools.linalg import RankPolicy, frobenius_energy, low_rank, residual_energy
 from loratools.plan import find_tensor, fit_module, natural_key, plan_extract
@@ -225,7 +227,12 @@ def verify_adapter(
             b, t = base_index.get(tensor), tuned_index.get(tensor)
             if tensor in targets:
                 module, full, name = targets[tensor]
-                report.layers.append(_check(name, tensor, module, full, b, t, exact, seed))
+                if not bool(torch.isfinite(b).all() and torch.isfinite(t).all()):
+                    raise non_finite_error(tensor, base_index, tuned_index)
+                layer = _check(name, tensor, module, full, b, t, exact, seed)
+                if not math.isfinite(layer.residual_energy):
+                    raise FormatError(f"{name}: the adapter's factors hold non-finite values (nan or inf)")
+                report.layers.append(layer)
             elif torch.equal(b, t):
                 report.unchanged += 1
             else:

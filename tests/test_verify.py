@@ -128,3 +128,17 @@ def test_tensors_in_one_checkpoint_only_are_listed(tmp_path):
     assert len(report.layers) == 4 and report.summary()["rel_error"] < 1e-6
     out = run_cli("verify", SD_BASE, path, SD_KOHYA).output
     assert "tensors only in base (1)" in out and "unet.added.weight" in out
+
+
+def test_non_finite_values_are_one_error_line_naming_the_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tuned = load_file(str(SD_TUNED))
+    name = "unet.down_blocks.0.attentions.0.proj_in.weight"
+    tuned[name][0, 0, 0, 0] = float("nan")
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    for args in (["verify", SD_BASE, tmp_path / "tuned.safetensors", SD_KOHYA],
+                 ["spectrum", SD_BASE, tmp_path / "tuned.safetensors"]):
+        result = run_cli(*args, expect=2)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and name in lines[0] and "non-finite" in lines[0] and "tuned.safetensors" in lines[0]
