@@ -28,7 +28,7 @@ from loratools.checkpoint import open_checkpoint
 from loratools.errors import FormatError
 from loratools.formats import KOHYA_PREFIXES, resolve_kohya_names
 from loratools.linalg import RankPolicy
-from loratools.writer import atomic_output
+from loratools.writer import atomic_output, check_output
 
 PathLike = str | os.PathLike
 
@@ -162,6 +162,8 @@ def resize(
     Args:
         report: also write the result (per-layer ranks and errors) as JSON to this path.
     """
+    if report is not None:  # refuse a bad report path before the adapter is written, not after
+        check_output(report, [adapter, out], force)
     loaded = load_usable(adapter)
     resized, layers = resize_adapter(loaded, policy, progress)
     metadata = _provenance("resize", [adapter], policy=policy.__dict__)

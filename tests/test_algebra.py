@@ -20,7 +20,7 @@ from loratools.algebra import (
     resize_module,
     set_alpha,
 )
-from loratools.errors import FormatError, LoratoolsError, ShapeError
+from loratools.errors import FormatError, LoratoolsError, OutputError, ShapeError
 from loratools.linalg import RankPolicy, relative_error
 from loratools.operations import combine, resize
 from tests.conftest import LLAMA_BASE, LLAMA_PEFT, SD_BASE, SD_KOHYA, llama_from, logits, run_cli
@@ -320,3 +320,11 @@ def test_written_adapters_record_provenance(tmp_path):
     metadata = load_adapter(tmp_path / "out.safetensors").metadata
     assert metadata["loratools_operation"] == "rescale"
     assert json.loads(metadata["loratools_parameters"])["scale"] == 2.0
+
+
+def test_resize_refuses_an_existing_report_before_writing_the_adapter(tmp_path):
+    report = tmp_path / "report.json"
+    report.write_text("keep me")
+    with pytest.raises(OutputError, match="already exists"):
+        resize(SD_KOHYA, tmp_path / "r.safetensors", RankPolicy("rank", 2), report=report)
+    assert report.read_text() == "keep me" and not (tmp_path / "r.safetensors").exists()
