@@ -267,22 +267,15 @@ def extract_command(base, tuned, out, policy, conv_rank, embeddings, save_full, 
     import torch
 
     from loratools.extract import extract
-    from loratools.writer import atomic_output, check_output
-
     if threads:
         torch.set_num_threads(threads)
-    if report:  # refuse a bad report path before any work, not after the adapter is written
-        check_output(report, [base, tuned, out], force)
     with progress_bar("extract", quiet or as_json or dry_run) as update:
         result = extract(
             base, tuned, out, policy=policy, conv_rank=conv_rank, embeddings=embeddings, save_full=save_full,
             include=include, exclude=exclude, skip_mismatched=skip_mismatched, format=fmt, dtype=dtype,
             precision=precision, exact=exact, seed=seed, oversample=oversample, power_iters=power_iters,
-            device=device, dry_run=dry_run, force=force, progress=update,
+            device=device, dry_run=dry_run, force=force, report=report, progress=update,
         )
-    if report:
-        with atomic_output(report, [base, tuned, out], force) as tmp:
-            tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n")
     for note in result.summary.notes:
         click.echo(f"warning: {note}", err=True)
     if as_json:

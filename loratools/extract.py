@@ -20,6 +20,7 @@ Decisions:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -37,7 +38,7 @@ from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import CheckpointError, FormatError, LoratoolsError
 from loratools.linalg import RankPolicy, compute_dtype, frobenius_energy, low_rank
 from loratools.plan import LayerPair, Plan, WholeTensor, natural_key, plan_extract
-from loratools.writer import OUTPUT_DTYPES, check_output
+from loratools.writer import OUTPUT_DTYPES, atomic_output, check_output
 
 Progress = Callable[[int, int, str], None]
 SUB_CHUNK = 1 << 20  # elements per block when subtracting the base
@@ -244,6 +245,7 @@ def extract(
     device: str = "cpu",
     dry_run: bool = False,
     force: bool = False,
+    report: str | os.PathLike | None = None,
     progress: Progress | None = None,
 ) -> ExtractResult:
     """Extract a LoRA adapter approximating ``tuned − base`` and write it to `out`.
@@ -262,7 +264,9 @@ def extract(
         seed, oversample, power_iters: randomized SVD settings (see `low_rank`).
         device: ``cpu`` or ``cuda`` (``cuda:N``) for the SVD.
         dry_run: plan only (reads headers, no tensor data), write nothing.
-        force: replace an existing `out`.
+        force: replace an existing `out` (and `report`).
+        report: also write ``result.to_json()`` to this path (the plan's report with `dry_run`); checked
+            before any work, written atomically at the end.
         progress: called as ``progress(done, total, current_name)``.
     Returns:
         An ExtractResult.
@@ -281,6 +285,8 @@ def extract(
     work_dtype = compute_dtype(precision)
     torch_device = _check_device(device)
     check_output(out, [base, tuned], force)
+    if report is not None:
+        check_output(report, [base, tuned, out], force)
     with open_checkpoint(base) as base_index, open_checkpoint(tuned) as tuned_index:
         plan = plan_extract(base_index, tuned_index, include=include, exclude=exclude, embeddings=embeddings,
                             save_full=save_full, skip_mismatched=skip_mismatched)
@@ -296,6 +302,7 @@ def extract(
         )
         result = ExtractResult(plan, summary, dry_run=dry_run)
         if dry_run:
+            _write_report(result, report, [base, tuned, out], force)
             return result
         total = len(plan.whole) + len(plan.pairs)
         full = _compare_whole(plan, base_index, tuned_index, result, progress, total)
@@ -334,7 +341,14 @@ def extract(
                  metadata=_provenance(summary))
     summary.seconds = time.perf_counter() - started
     summary.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    _write_report(result, report, [base, tuned, out], force)
     return result
+
+
+def _write_report(result: ExtractResult, report: str | os.PathLike | None, inputs: list, force: bool) -> None:
+    if report is not None:
+        with atomic_output(report, inputs, force) as tmp:
+            tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n")
 
 
 def _check_device(device: str) -> torch.device:
