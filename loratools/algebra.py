@@ -16,7 +16,7 @@ Decisions:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -25,8 +25,8 @@ from loratools.adapter import Adapter, LoraModule
 from loratools.errors import FormatError, LoratoolsError, ShapeError
 from loratools.formats import KOHYA_PREFIXES, kohya_stem
 from loratools.linalg import RankPolicy, choose_rank, factor_svd, truncation_errors
+from loratools.progress import Progress
 
-Progress = Callable[[int, int, str], None]
 METHODS = ("concat", "svd")
 
 

@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from loratools import __version__
 from loratools.errors import LoratoolsError
 from loratools.linalg import RankPolicy
+from loratools.progress import Progress as ProgressCallback
 
 CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -73,7 +74,6 @@ def print_json(data: object) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
 
 
-ProgressCallback = Callable[[int, int, str], None]
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ import resource
 import time
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -38,9 +38,9 @@ from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import CheckpointError, FormatError, LoratoolsError
 from loratools.linalg import RankPolicy, compute_dtype, frobenius_energy, low_rank
 from loratools.plan import LayerPair, Plan, WholeTensor, natural_key, plan_extract
+from loratools.progress import Progress
 from loratools.writer import OUTPUT_DTYPES, atomic_output, check_output
 
-Progress = Callable[[int, int, str], None]
 SUB_CHUNK = 1 << 20  # elements per block when subtracting the base
 
 

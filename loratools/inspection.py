@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_files import adapter_weights_path, load_adapter
 from loratools.errors import LoratoolsError
 from loratools.plan import natural_key
+from loratools.progress import Progress
 from loratools.spectra import SpectrumStats, module_singular_values, spectrum_stats
 
 SORTS = ("name", "norm", "rank")
@@ -191,7 +191,7 @@ def inspect_adapter(
     sort: str = "name",
     pattern: str | None = None,
     top: int | None = None,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> InspectReport:
     """Describe an adapter (PEFT folder or file, kohya or diffusers-style file, or an Adapter) module by module.
 

@@ -31,8 +31,9 @@ from loratools.adapter import LoraModule
 from loratools.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, TensorIndex, open_checkpoint
 from loratools.errors import LoratoolsError, ShapeError
 from loratools.formats import KOHYA_PREFIXES, resolve_kohya_names
-from loratools.operations import Progress, load_usable
+from loratools.operations import load_usable
 from loratools.plan import find_tensor, fit_module
+from loratools.progress import Progress
 from loratools.writer import (
     OUTPUT_DTYPES,
     TensorSpec,

@@ -23,11 +23,12 @@ import torch
 
 from loratools.adapter import Adapter
 from loratools.adapter_files import load_adapter, save_adapter
-from loratools.algebra import LayerReport, Progress, combine_adapters, rescale_adapter, resize_adapter
+from loratools.algebra import LayerReport, combine_adapters, rescale_adapter, resize_adapter
 from loratools.checkpoint import open_checkpoint
 from loratools.errors import FormatError
 from loratools.formats import KOHYA_PREFIXES, resolve_kohya_names
 from loratools.linalg import RankPolicy
+from loratools.progress import Progress
 from loratools.writer import atomic_output, check_output
 
 PathLike = str | os.PathLike

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +33,7 @@ from loratools.errors import LoratoolsError
 from loratools.extract import LayerDelta, layer_delta
 from loratools.linalg import randomized_svd, residual_energy
 from loratools.plan import plan_extract
+from loratools.progress import Progress
 
 DEFAULT_RANKS = (4, 8, 16, 32, 64)
 TOLERANCE = 1e-12  # relative slack on error bounds, as `linalg.choose_rank`
@@ -227,7 +228,7 @@ def rank_spectrum(
     exclude: Sequence[str] = (),
     seed: int = 0,
     device: str = "cpu",
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> SpectrumReport:
     """The leading spectra of every true delta tuned − base, streamed one layer pair at a time.
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -35,6 +34,7 @@ from loratools.extract import non_finite_error
 from loratools.formats import KOHYA_PREFIXES, resolve_kohya_names
 from loratools.linalg import RankPolicy, frobenius_energy, low_rank, residual_energy
 from loratools.plan import find_tensor, fit_module, natural_key, plan_extract
+from loratools.progress import Progress
 
 
 @dataclass
@@ -194,7 +194,7 @@ def verify_adapter(
     *,
     exact: bool = False,
     seed: int = 0,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> VerifyReport:
     """Compare an adapter with the true deltas tuned − base, one tensor pair in memory at a time.
 
