@@ -143,3 +143,12 @@ def test_cli_plot_writes_png(tmp_path):
     png = tmp_path / "spectrum.png"
     run_cli("spectrum", SD_BASE, SD_TUNED, "--plot", png, "--quiet")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensors_with_equal_values_in_another_dtype_count_as_unchanged(tmp_path):
+    weight = torch.randn(8, 6).bfloat16().float()  # values a bf16 checkpoint holds exactly
+    bias = torch.randn(8).bfloat16().float()
+    save_file({"blk.proj.weight": weight, "blk.proj.bias": bias}, str(tmp_path / "base.safetensors"))
+    save_file({"blk.proj.weight": weight + 0.5, "blk.proj.bias": bias.bfloat16()}, str(tmp_path / "tuned.safetensors"))
+    report = rank_spectrum(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", ranks=[2])
+    assert report.unchanged == 1 and report.changed_whole == []
