@@ -107,13 +107,6 @@ def layer_deltas(
         yield layer_delta(base, tuned, pair, dtype=dtype, device=device)
 
 
-def same_values(base: torch.Tensor, tuned: torch.Tensor) -> bool:
-    """Whether two stored tensors hold the same values, whatever their dtypes (fp32 base vs bf16 tuned)."""
-    if base.dtype == tuned.dtype:
-        return torch.equal(base, tuned)
-    return torch.equal(base.double(), tuned.double())
-
-
 def non_finite_error(tensor: str, base: TensorIndex, tuned: TensorIndex) -> CheckpointError:
     """The error for a non-finite ΔW of `tensor`, naming the checkpoint and file that hold the nan/inf."""
     for index in (tuned, base):
@@ -420,7 +413,7 @@ def _compare_whole(
         if progress:
             progress(number, total, whole.tensor)
         b, t = base.get(whole.tensor), tuned.get(whole.tensor)
-        if same_values(b, t):
+        if torch.equal(b, t):  # compares values across dtypes (fp32 base vs bf16 tuned)
             result.unchanged += 1
             continue
         diff = t.double() - b.double()

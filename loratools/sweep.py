@@ -30,7 +30,7 @@ import torch
 
 from loratools.checkpoint import open_checkpoint
 from loratools.errors import LoratoolsError
-from loratools.extract import LayerDelta, layer_delta, same_values
+from loratools.extract import LayerDelta, layer_delta
 from loratools.linalg import randomized_svd, residual_energy
 from loratools.plan import plan_extract
 from loratools.progress import Progress
@@ -266,7 +266,7 @@ def rank_spectrum(
         for done, (tensor, pair) in enumerate(todo, 1):
             if pair is None:
                 b, t = base_index.get(tensor), tuned_index.get(tensor)
-                if same_values(b, t):
+                if torch.equal(b, t):
                     report.unchanged += 1
                 else:
                     report.changed_whole.append((tensor, tuple(b.shape)))

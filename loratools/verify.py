@@ -30,7 +30,7 @@ from loratools.adapter import Adapter, LoraModule, lora_matrix
 from loratools.adapter_files import load_adapter
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import FormatError
-from loratools.extract import non_finite_error, same_values
+from loratools.extract import non_finite_error
 from loratools.formats import KOHYA_PREFIXES, resolve_kohya_names
 from loratools.linalg import RankPolicy, frobenius_energy, low_rank, residual_energy
 from loratools.plan import find_tensor, fit_module, natural_key, plan_extract
@@ -233,7 +233,7 @@ def verify_adapter(
                 if not math.isfinite(layer.residual_energy):
                     raise FormatError(f"{name}: the adapter's factors hold non-finite values (nan or inf)")
                 report.layers.append(layer)
-            elif same_values(b, t):
+            elif torch.equal(b, t):
                 report.unchanged += 1
             else:
                 report.uncovered.append((tensor, tuple(b.shape)))
