@@ -239,8 +239,9 @@ def _render_extract(result) -> None:
 @click.option("--exact", is_flag=True, help="Full SVD per layer (slow); the report gains optimal_rel_error.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--oversample", type=click.IntRange(min=0), help="Extra sketch columns [default: max(10, rank)].")
-@click.option("--power-iters", type=click.IntRange(min=0), default=3, show_default=True,
-              help="Power iterations of the randomized SVD.")
+@click.option("--power-iters", type=click.IntRange(min=0),
+              help="Power iterations of the randomized SVD [default: adaptive, until one improves the error by"
+                   " < 0.5%, at most 6].")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Also write the report as JSON to this file.")

@@ -36,7 +36,7 @@ from loratools.adapter import Adapter, LoraModule, lora_matrix
 from loratools.adapter_files import save_adapter
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import CheckpointError, FormatError, LoratoolsError
-from loratools.linalg import RankPolicy, compute_dtype, frobenius_energy, low_rank
+from loratools.linalg import MAX_POWER_ITERS, POWER_GAIN, RankPolicy, compute_dtype, frobenius_energy, low_rank
 from loratools.plan import LayerPair, Plan, WholeTensor, natural_key, plan_extract
 from loratools.progress import Progress
 from loratools.writer import OUTPUT_DTYPES, atomic_output, check_output
@@ -128,6 +128,7 @@ class LayerReport:
         rel_error: ‖ΔW − B·A‖_F / ‖ΔW‖_F (see `LowRank.rel_error`); energy: fraction of ‖ΔW‖²_F kept (1 − rel_error²).
         sigma_1, sigma_r: largest and smallest kept singular value (0 when rank is 0).
         delta_norm: ‖ΔW‖_F.
+        power_iters: power iterations the randomized SVD ran (0 for an exact SVD).
         optimal_rel_error: Eckart–Young optimum at this rank (only with ``exact``).
         seconds: wall time for this layer (load, ΔW, SVD, error).
     """
@@ -143,6 +144,7 @@ class LayerReport:
     sigma_r: float
     delta_norm: float
     clamped: bool
+    power_iters: int
     seconds: float
     optimal_rel_error: float | None = None
 
@@ -241,7 +243,7 @@ def extract(
     exact: bool = False,
     seed: int = 0,
     oversample: int | None = None,
-    power_iters: int = 3,
+    power_iters: int | None = None,
     device: str = "cpu",
     dry_run: bool = False,
     force: bool = False,
@@ -325,7 +327,7 @@ def extract(
             result.layers.append(LayerReport(
                 pair.module, pair.tensor, pair.shape, pair.kind, lr.rank, lr.rel_error, lr.energy,
                 float(lr.S[0]), float(lr.S[lr.rank - 1]) if lr.rank else 0.0, lr.total_energy**0.5, lr.clamped,
-                time.perf_counter() - tick, lr.optimal_rel_error,
+                lr.power_iters, time.perf_counter() - tick, lr.optimal_rel_error,
             ))
         if progress:
             progress(total, total, "")
@@ -391,11 +393,13 @@ def _describe(policy: RankPolicy, conv_rank: int | None) -> str:
     return text + (f", conv rank {conv_rank}" if conv_rank else "")
 
 
-def _algorithm(exact: bool, oversample: int | None, power_iters: int, seed: int, precision: str) -> str:
+def _algorithm(exact: bool, oversample: int | None, power_iters: int | None, seed: int, precision: str) -> str:
     if exact:
         return f"exact SVD ({precision})"
     over = "max(10, rank)" if oversample is None else str(oversample)
-    return f"randomized SVD ({precision}, oversample {over}, {power_iters} power iterations, seed {seed})"
+    iterations = (f"adaptive power iterations (1–{MAX_POWER_ITERS}, until one gains < {POWER_GAIN:.1%})"
+                  if power_iters is None else f"{power_iters} power iterations")
+    return f"randomized SVD ({precision}, oversample {over}, {iterations}, seed {seed})"
 
 
 def _layer_seed(seed: int, module: str) -> int:

@@ -61,11 +61,14 @@ def test_randomized_svd_matches_full_svd_on_leading_triplets():
     rank=st.integers(1, 24),
     decay=st.floats(0.0, 3.0),
     floor=st.floats(0.0, 0.2),
+    geometric=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_randomized_error_is_within_one_percent_of_optimal(rows, cols, rank, decay, floor, seed):
+def test_randomized_error_is_within_one_percent_of_optimal(rows, cols, rank, decay, floor, geometric, seed):
     k = min(rows, cols)
-    s = torch.arange(1, k + 1, dtype=torch.float64) ** -decay + floor  # power law with a noise floor
+    i = torch.arange(1, k + 1, dtype=torch.float64)
+    # a power law, or a geometric decay (base 0.9 … 1: slow, where power iterations converge slowest), + a floor
+    s = ((1 - decay / 30) ** i if geometric else i**-decay) + floor
     M = with_spectrum(rows, cols, s, seed)
     result = low_rank(M, RankPolicy("rank", rank), seed=seed)
     left, right = result.factors()
@@ -196,8 +199,7 @@ def test_non_finite_matrix_is_refused():
 
 def test_frobenius_energy_is_accurate_on_large_matrices():
     # torch's float32 norm of a 4096×4096 matrix is off by ~0.1%; every reported error is derived from this.
-    from loratools.linalg import frobenius_energy
-
-    M = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(3))
+    # 1e-7 keeps reported errors exact to ~1e-5 relative even where 1 − Σσ²/‖M‖² is as small as 0.05².
+    M = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(3)) * 3 + 1
     exact = float((M.double() ** 2).sum())
-    assert abs(frobenius_energy(M) - exact) <= 1e-9 * exact
+    assert abs(frobenius_energy(M) - exact) <= 1e-7 * exact
