@@ -42,6 +42,7 @@ from loratools.progress import Progress
 from loratools.writer import OUTPUT_DTYPES, atomic_output, check_output
 
 SUB_CHUNK = 1 << 20  # elements per block when subtracting the base
+READ_AHEAD_BYTES = 256 * 1024 * 1024  # stored bytes of upcoming pairs asked of the OS ahead of their use
 
 
 @dataclass(frozen=True)
@@ -66,15 +67,23 @@ def layer_delta(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    workspace: torch.Tensor | None = None,
 ) -> LayerDelta:
     """One pair's ΔW = tuned − base as its LoRA matrix, formed in `dtype` whatever the stored dtypes.
 
-    Memory: one new (rows, cols) matrix; the stored tensors are memory-mapped pages, never written.
+    Memory: one (rows, cols) matrix, new or a view of `workspace` (1-D, in `dtype` on `device`, at least
+    rows·cols long); the stored tensors are memory-mapped pages, never written. Reusing a workspace saves
+    most of the time: a fresh matrix of this size is zero-filled page by page by the OS, which costs several
+    times the copy itself.
 
     Raises:
         CheckpointError naming the tensor and the file when ΔW holds inf or nan.
     """
-    delta = tuned.get(pair.tensor).to(device=device, dtype=dtype, copy=True)
+    stored_tuned = tuned.get(pair.tensor)
+    if workspace is None:
+        delta = stored_tuned.to(device=device, dtype=dtype, copy=True)
+    else:
+        delta = workspace[: stored_tuned.numel()].view(stored_tuned.shape).copy_(stored_tuned)
     stored = base.get(pair.tensor).to(device=device)
     for part, subtrahend in zip(delta.view(-1).split(SUB_CHUNK), stored.view(-1).split(SUB_CHUNK), strict=True):
         part.sub_(subtrahend)  # in blocks: a mixed-dtype sub_ makes a converted copy of its whole operand
@@ -92,19 +101,35 @@ def layer_deltas(
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    reuse: bool = False,
 ) -> Iterator[LayerDelta]:
     """Yield `layer_delta` for each pair in turn: one ΔW in memory at a time if the caller drops each one.
 
+    While a ΔW is being used, the next pair's tensors are read ahead from disk (`TensorIndex.prefetch`).
+
     Args:
         base, tuned: open checkpoints; pairs: from `plan_extract` (``plan.pairs``).
+        reuse: form every ΔW in one workspace sized for the largest pair; each yielded matrix is then
+            overwritten by the next, so use (or copy) it before asking for the next one.
 
     Example:
         >>> with open_checkpoint("base") as b, open_checkpoint("tuned") as t:
-        ...     for d in layer_deltas(b, t, plan_extract(b, t).pairs):
+        ...     for d in layer_deltas(b, t, plan_extract(b, t).pairs, reuse=True):
         ...         print(d.pair.module, tuple(d.matrix.shape), d.energy ** 0.5)
     """
-    for pair in pairs:
-        yield layer_delta(base, tuned, pair, dtype=dtype, device=device)
+    workspace = None
+    if reuse and pairs:
+        workspace = torch.empty(max(math.prod(p.shape) for p in pairs), dtype=dtype, device=device)
+    sizes = [base.info(p.tensor).nbytes + tuned.info(p.tensor).nbytes for p in pairs]
+    asked = 1  # pairs[1:asked] have been read ahead; the first is read when needed
+    for number, pair in enumerate(pairs):
+        # keep the next pair, and more within READ_AHEAD_BYTES of stored data, on its way from disk
+        asked = max(asked, number + 1)
+        while asked < len(pairs) and (asked == number + 1 or sum(sizes[number + 1:asked]) < READ_AHEAD_BYTES):
+            base.prefetch(pairs[asked].tensor)
+            tuned.prefetch(pairs[asked].tensor)
+            asked += 1
+        yield layer_delta(base, tuned, pair, dtype=dtype, device=device, workspace=workspace)
 
 
 def non_finite_error(tensor: str, base: TensorIndex, tuned: TensorIndex) -> CheckpointError:
@@ -309,19 +334,19 @@ def extract(
         total = len(plan.whole) + len(plan.pairs)
         full = _compare_whole(plan, base_index, tuned_index, result, progress, total)
         factors = {}
+        # one ΔW in memory at a time, each formed in the same workspace while the next is read ahead
+        deltas = layer_deltas(base_index, tuned_index, plan.pairs, dtype=work_dtype, device=torch_device, reuse=True)
         for number, pair in enumerate(plan.pairs):
             if progress:
                 progress(len(plan.whole) + number, total, pair.module)
             tick = time.perf_counter()
-            delta = layer_delta(base_index, tuned_index, pair, dtype=work_dtype, device=torch_device)
+            delta = next(deltas)
             if delta.energy == 0:
                 result.unchanged += 1
-                del delta
                 continue
             layer_policy = RankPolicy("rank", conv_rank) if conv_rank and pair.kind == "conv2d" else policy
             lr = low_rank(delta.matrix, layer_policy, exact=exact, oversample=oversample, power_iters=power_iters,
                           seed=_layer_seed(seed, pair.module), dtype=work_dtype, total_energy=delta.energy)
-            del delta  # before the next layer is loaded: one ΔW in memory at a time
             if lr.rank:
                 factors[pair] = tuple(f.to("cpu", torch.float32) for f in lr.factors())
             result.layers.append(LayerReport(

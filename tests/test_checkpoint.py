@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 
@@ -53,6 +54,19 @@ def test_listing_reads_no_tensor_data(monkeypatch):
         assert ckpt.nbytes() == sum(i.nbytes for i in ckpt.tensors.values()) > 0
 
 
+def test_prefetch_advises_exactly_the_tensor_bytes(monkeypatch):
+    advised = []
+    monkeypatch.setattr("os.posix_fadvise", lambda fd, offset, length, advice: advised.append((offset, length, advice)))
+    with open_checkpoint(LLAMA_BASE_BF16) as ckpt:
+        name = "model.layers.0.mlp.up_proj.weight"
+        info = ckpt.info(name)
+        ckpt.prefetch(name)
+        raw = info.file.read_bytes()[info.offset : info.offset + info.nbytes]
+        assert torch.equal(torch.frombuffer(bytearray(raw), dtype=info.dtype).view(info.shape), ckpt.get(name))
+    assert advised[0][0] == info.offset and sum(length for _, length, _ in advised) == info.nbytes
+    assert all(advice == os.POSIX_FADV_WILLNEED for *_, advice in advised)
+
+
 def save_bin_folder(folder, state, shards: int = 1) -> None:
     folder.mkdir()
     if shards == 1:
@@ -75,6 +89,7 @@ def test_bin_folder_loads_with_weights_only(tmp_path, shards):
     with open_checkpoint(tmp_path / "m") as ckpt:
         assert set(ckpt) == set(state)
         for name, tensor in state.items():
+            ckpt.prefetch(name)  # nothing to advise: .bin tensors are already mapped
             assert torch.equal(ckpt.get(name), tensor)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from loratools.adapter_files import load_adapter
 from loratools.checkpoint import TensorIndex
 from loratools.errors import LoratoolsError
 from loratools.extract import extract, layer_deltas
-from loratools.linalg import RankPolicy
+from loratools.linalg import MAX_POWER_ITERS, RankPolicy
 from tests.conftest import (
     LLAMA_BASE,
     LLAMA_BASE_BF16,
@@ -91,6 +92,27 @@ def test_layer_deltas_yield_lora_matrices_one_at_a_time(tmp_path):
     assert fc.matrix.shape == (24, 8) and fc.matrix.dtype == torch.float32
     torch.testing.assert_close(fc.matrix, deltas["net.fc"].T)
     assert fc.energy == pytest.approx(float(deltas["net.fc"].double().square().sum()), rel=1e-6)
+
+
+def test_reused_workspace_gives_the_same_deltas_and_reads_ahead(tmp_path, monkeypatch):
+    base, tuned, deltas = rank_r_pair(tmp_path)
+    from loratools.checkpoint import open_checkpoint
+    from loratools.plan import plan_extract
+
+    asked = []
+    monkeypatch.setattr(TensorIndex, "prefetch", lambda index, name: asked.append((index.path, name)))
+    with open_checkpoint(base) as b, open_checkpoint(tuned) as t:
+        pairs = plan_extract(b, t).pairs
+        fresh = [(d.pair.module, d.matrix.clone(), d.energy) for d in layer_deltas(b, t, pairs)]
+        asked.clear()
+        storage = set()
+        for (module, matrix, energy), d in zip(fresh, layer_deltas(b, t, pairs, reuse=True), strict=True):
+            assert d.pair.module == module and d.energy == energy
+            torch.testing.assert_close(d.matrix, matrix, rtol=0, atol=0)
+            storage.add(d.matrix.untyped_storage().data_ptr())
+    assert len(storage) == 1  # every ΔW was formed in the one workspace
+    # every pair but the first was read ahead, in both checkpoints, before it was needed
+    assert sorted(asked) == sorted((index, p.tensor) for index in (base, tuned) for p in pairs[1:])
 
 
 # ---- PEFT interop: the adapter on the base model reproduces the tuned model ------------------------------------
@@ -217,12 +239,23 @@ def test_report_json_fields_and_exact_optimum(tmp_path):
     for x in data["layers"]:
         assert {"name", "shape", "rank", "rel_error", "energy", "sigma_1", "sigma_r", "optimal_rel_error"} <= set(x)
         assert x["rel_error"] == pytest.approx(x["optimal_rel_error"], abs=1e-5)
+        assert x["power_iters"] == 0  # exact SVD
     summary = data["summary"]
     for key in ("rel_error", "adapter_bytes", "full_delta_bytes", "seconds", "peak_rss_bytes", "unchanged_tensors",
                 "layers", "rank_policy", "notes"):
         assert key in summary, key
     assert summary["layers"] == 16 and any("clamped" in note for note in summary["notes"])
     assert [c["name"] for c in data["changed_tensors"]][-1] == "model.norm.weight"
+
+
+def test_report_says_how_many_power_iterations_each_layer_ran(tmp_path):
+    result = extract(LLAMA_BASE, LLAMA_TUNED, tmp_path / "a", policy=RankPolicy("rank", 4))
+    sketched = [x for x in result.layers if min(x.shape[0], math.prod(x.shape[1:])) > 4 + 10]
+    assert sketched and all(1 <= x.power_iters <= MAX_POWER_ITERS for x in sketched)
+    assert "adaptive power iterations" in result.summary.algorithm
+    fixed = extract(LLAMA_BASE, LLAMA_TUNED, tmp_path / "b", policy=RankPolicy("rank", 4), power_iters=1)
+    assert {x.power_iters for x in fixed.layers if x.name in {y.name for y in sketched}} == {1}
+    assert "1 power iterations" in fixed.summary.algorithm
 
 
 def test_dry_run_reads_no_tensor_data_and_writes_nothing(tmp_path, monkeypatch):

@@ -10,7 +10,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratools.errors import LoratoolsError
-from loratools.linalg import RankPolicy, frobenius_energy, low_rank, randomized_svd, residual_energy
+from loratools.linalg import (
+    MAX_POWER_ITERS,
+    RankPolicy,
+    frobenius_energy,
+    low_rank,
+    orthonormal_basis,
+    randomized_svd,
+    residual_energy,
+)
 
 
 def with_spectrum(rows: int, cols: int, s: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -75,6 +83,27 @@ def test_randomized_error_is_within_one_percent_of_optimal(rows, cols, rank, dec
     error = measured_error(M, left, right)
     assert error <= 1.01 * optimal_error(M, rank) + 1e-6
     assert result.rel_error == pytest.approx(error, rel=1e-3, abs=1e-6)  # the reported error is the true one
+
+
+@pytest.mark.parametrize("rank_of_y", [32, 5], ids=["well-conditioned", "rank-deficient"])
+def test_orthonormal_basis_spans_y_even_when_y_is_rank_deficient(rank_of_y):
+    gen = torch.Generator().manual_seed(2)
+    Y = torch.randn(500, rank_of_y, generator=gen) @ torch.randn(rank_of_y, 32, generator=gen)
+    Q, R = orthonormal_basis(Y)  # rank-deficient Y: CholeskyQR2 fails, Householder QR takes over
+    torch.testing.assert_close(Q.T @ Q, torch.eye(32), atol=1e-5, rtol=0)
+    torch.testing.assert_close(Q @ R, Y, atol=1e-4 * float(Y.abs().max()), rtol=0)
+    assert torch.equal(R, R.triu())
+
+
+def test_adaptive_power_iterations_run_longer_where_convergence_is_slow():
+    i = torch.arange(1, 301, dtype=torch.float64)
+    fast = with_spectrum(400, 300, 0.7**i)  # σ₁₇/σ₁ ≈ 0.003: any sketch captures the top 16 at once
+    slow = with_spectrum(400, 300, i**-0.3 + 0.05)  # near-equal values around rank 16: 1.06× the optimum at q = 0
+    runs = {name: low_rank(M, RankPolicy("rank", 16)) for name, M in (("fast", fast), ("slow", slow))}
+    assert 1 <= runs["fast"].power_iters < runs["slow"].power_iters <= MAX_POWER_ITERS
+    for name, M in (("fast", fast), ("slow", slow)):
+        assert measured_error(M, *runs[name].factors()) <= 1.01 * optimal_error(M, 16)
+    assert low_rank(slow, RankPolicy("rank", 16), power_iters=0).power_iters == 0  # a fixed count is kept
 
 
 # ---- rank policies against their definitions on the full spectrum --------------------------------------------
