@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-PREFETCH_CHUNK = 8 * 1024 * 1024
+PREFETCH_CHUNK = 8 * 1024 * 1024  # bytes per read of the read-ahead thread
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,7 @@ class TensorIndex:
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
         self._handles: dict[Path, object] = {}
+        self._reader: ThreadPoolExecutor | None = None
         for number, file in enumerate(files):
             found, metadata = self._read_file_index(file)
             if number == 0:
@@ -198,24 +200,28 @@ class TensorIndex:
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({exc})") from None
 
     def prefetch(self, name: str) -> None:
-        """Ask the OS to start reading one tensor's bytes into the page cache, without waiting (Linux
-        ``posix_fadvise(WILLNEED)``), so a later `get` finds them there; a no-op where unsupported."""
+        """Start reading one tensor's bytes in a background thread, so that a later `get` finds them in the OS
+        page cache instead of waiting for the disk; a no-op for .bin files (already mapped by torch.load).
+
+        Reading ahead this way overlaps the disk with the caller's computation (the thread waits on the disk
+        with the GIL released). ``posix_fadvise(WILLNEED)`` was measured to be no faster than not reading ahead.
+        """
         info = self.info(name)
-        if info.offset is None or not hasattr(os, "posix_fadvise"):
+        if info.offset is None:
             return
-        descriptor = os.open(info.file, os.O_RDONLY)
-        try:  # one advice per chunk: Linux reads ahead only the first few MB of one large advice
-            for start in range(info.offset, info.offset + info.nbytes, PREFETCH_CHUNK):
-                os.posix_fadvise(descriptor, start, min(PREFETCH_CHUNK, info.offset + info.nbytes - start),
-                                 os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(descriptor)
+        if self._reader is None:
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="loratools-read-ahead")
+        self._reader.submit(_read_through, info.file, info.offset, info.nbytes)
 
     def nbytes(self) -> int:
         """Total tensor bytes, from headers."""
         return sum(info.nbytes for info in self.tensors.values())
 
     def close(self) -> None:
+        """Release file handles; reads ahead not yet started are dropped, a running one is waited for."""
+        if self._reader is not None:
+            self._reader.shutdown(wait=True, cancel_futures=True)
+            self._reader = None
         self._handles.clear()
 
     def __enter__(self) -> TensorIndex:
@@ -223,6 +229,24 @@ class TensorIndex:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read_through(file: Path, offset: int, nbytes: int) -> None:
+    """Read `nbytes` of `file` from `offset` into a scratch buffer and drop them: the OS page cache keeps them.
+
+    Errors are ignored: this only warms the cache, and the real read reports any problem.
+    """
+    scratch = memoryview(bytearray(min(nbytes, PREFETCH_CHUNK)))
+    try:
+        with open(file, "rb", buffering=0) as handle:
+            handle.seek(offset)
+            while nbytes > 0:
+                got = handle.readinto(scratch[: min(len(scratch), nbytes)])
+                if not got:
+                    return
+                nbytes -= got
+    except OSError:
+        return
 
 
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:

@@ -240,8 +240,8 @@ def _render_extract(result) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized SVD.")
 @click.option("--oversample", type=click.IntRange(min=0), help="Extra sketch columns [default: max(10, rank)].")
 @click.option("--power-iters", type=click.IntRange(min=0),
-              help="Power iterations of the randomized SVD [default: adaptive, until one improves the error by"
-                   " < 0.5%, at most 6].")
+              help="Power iterations of the randomized SVD [default: adaptive, until what more would gain is"
+                   " < 0.5% of the error; 1 to 6].")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda (cuda:N).")
 @click.option("--threads", type=click.IntRange(min=1), help="CPU threads for torch.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Also write the report as JSON to this file.")

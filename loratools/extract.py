@@ -422,7 +422,7 @@ def _algorithm(exact: bool, oversample: int | None, power_iters: int | None, see
     if exact:
         return f"exact SVD ({precision})"
     over = "max(10, rank)" if oversample is None else str(oversample)
-    iterations = (f"adaptive power iterations (1–{MAX_POWER_ITERS}, until one gains < {POWER_GAIN:.1%})"
+    iterations = (f"adaptive power iterations (1–{MAX_POWER_ITERS}, until more would gain < {POWER_GAIN:.1%})"
                   if power_iters is None else f"{power_iters} power iterations")
     return f"randomized SVD ({precision}, oversample {over}, {iterations}, seed {seed})"
 

@@ -260,11 +260,10 @@ def _sketch_block(
 
     With a fixed `power_iters`, that many power iterations. With None, adaptive: after each iteration the
     energy of M left outside span(Q) and the best rank-`watch` part of the new block is known exactly from the
-    w×w factor R of Mᵀ·Y = Z·R (`outside` is M's energy outside span(Q)), and iterations stop once one
-    improves the resulting error by less than `POWER_GAIN` (relative): at least one, at most
-    `MAX_POWER_ITERS`. Convergence is geometric, so what a further iteration would gain is smaller still. On
-    power-law, geometric, clustered and flat spectra this ends within 0.5% of the Eckart–Young optimum at
-    rank `watch`, after 2 iterations on fine-tune-like spectra and 1 on noise-like ones.
+    w×w factor R of Mᵀ·Y = Z·R (`outside` is M's energy outside span(Q)), and iterations stop as `_converged`
+    decides: at least one, at most `MAX_POWER_ITERS`. Fine-tune-like spectra (a power law over a noise floor)
+    take 2 and end within 0.05% of the Eckart–Young optimum at rank `watch`; slowly converging ones take more
+    and stay within 1%.
 
     Mᵀ·Y doubles as the projection the final SVD needs: each iteration costs two passes over M, the whole
     block 2 + 2·iterations.

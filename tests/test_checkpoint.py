@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 
@@ -54,17 +53,51 @@ def test_listing_reads_no_tensor_data(monkeypatch):
         assert ckpt.nbytes() == sum(i.nbytes for i in ckpt.tensors.values()) > 0
 
 
-def test_prefetch_advises_exactly_the_tensor_bytes(monkeypatch):
-    advised = []
-    monkeypatch.setattr("os.posix_fadvise", lambda fd, offset, length, advice: advised.append((offset, length, advice)))
+def test_prefetch_reads_exactly_the_tensor_bytes_in_the_background(monkeypatch):
+    from loratools import checkpoint
+
+    read = []
+    monkeypatch.setattr(checkpoint, "_read_through", lambda file, offset, nbytes: read.append((file, offset, nbytes)))
     with open_checkpoint(LLAMA_BASE_BF16) as ckpt:
         name = "model.layers.0.mlp.up_proj.weight"
         info = ckpt.info(name)
         ckpt.prefetch(name)
         raw = info.file.read_bytes()[info.offset : info.offset + info.nbytes]
         assert torch.equal(torch.frombuffer(bytearray(raw), dtype=info.dtype).view(info.shape), ckpt.get(name))
-    assert advised[0][0] == info.offset and sum(length for _, length, _ in advised) == info.nbytes
-    assert all(advice == os.POSIX_FADV_WILLNEED for *_, advice in advised)
+    assert read == [(info.file, info.offset, info.nbytes)]  # close() waited for the reader
+
+
+def test_read_through_reads_to_the_end_and_ignores_a_vanished_file(tmp_path, monkeypatch):
+    from loratools import checkpoint
+
+    data = tmp_path / "data"
+    data.write_bytes(bytes(range(256)) * 100)
+    monkeypatch.setattr(checkpoint, "PREFETCH_CHUNK", 1000)
+    chunks = []
+    real_open = open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+
+        def seek(self, offset):
+            return self.handle.seek(offset)
+
+        def readinto(self, buffer):
+            got = self.handle.readinto(buffer)
+            chunks.append(bytes(buffer[:got]))
+            return got
+
+    monkeypatch.setattr("builtins.open", Recording)
+    checkpoint._read_through(data, 100, 2500)
+    assert b"".join(chunks) == data.read_bytes()[100:2600] and len(chunks) == 3
+    checkpoint._read_through(tmp_path / "gone", 0, 10)  # no error: the real read reports problems
 
 
 def save_bin_folder(folder, state, shards: int = 1) -> None:
