@@ -94,7 +94,7 @@ def test_read_through_reads_to_the_end_and_ignores_a_vanished_file(tmp_path, mon
             chunks.append(bytes(buffer[:got]))
             return got
 
-    monkeypatch.setattr("builtins.open", Recording)
+    monkeypatch.setattr(checkpoint, "open", Recording, raising=False)  # only the module's own open
     checkpoint._read_through(data, 100, 2500)
     assert b"".join(chunks) == data.read_bytes()[100:2600] and len(chunks) == 3
     checkpoint._read_through(tmp_path / "gone", 0, 10)  # no error: the real read reports problems
