@@ -329,6 +329,7 @@ def randomized_svd(
     power_iters: int | None = None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    total_energy: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Leading singular triplets of M by a seeded randomized range finder (Halko, Martinsson & Tropp 2011).
 
@@ -343,6 +344,7 @@ def randomized_svd(
         oversample: extra sketch columns; default max(10, rank).
         power_iters: a fixed number of power iterations; None (default) stops adaptively.
         seed: the Gaussian test matrix is drawn on the CPU from this seed, so results do not depend on device.
+        total_energy: ‖M‖²_F when the caller has it already (adaptive iterations need it; see `frobenius_energy`).
     Returns:
         U (rows, k), S (k,), Vh (k, cols) with k = min(rank, rows, cols), S descending.
 
@@ -356,8 +358,10 @@ def randomized_svd(
     if k + _oversample(k, oversample) >= min(M.shape):
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
         return U[:, :k], S[:k], Vh[:k]
+    if power_iters is None and total_energy is None:
+        total_energy = frobenius_energy(M)
     block = _sketch_block(M, M.new_zeros(M.shape[0], 0), k + _oversample(k, oversample), k, power_iters,
-                          frobenius_energy(M) if power_iters is None else 0.0, torch.Generator().manual_seed(seed))
+                          total_energy or 0.0, torch.Generator().manual_seed(seed))
     U, S, Vh = _projected_svd(block.Y, block.MtY)
     return U[:, :k], S[:k], Vh[:k]
 

@@ -30,7 +30,7 @@ import torch
 
 from loratools.checkpoint import open_checkpoint
 from loratools.errors import LoratoolsError
-from loratools.extract import LayerDelta, layer_delta
+from loratools.extract import LayerDelta, layer_deltas
 from loratools.linalg import randomized_svd, residual_energy
 from loratools.plan import plan_extract
 from loratools.progress import Progress
@@ -262,23 +262,25 @@ def rank_spectrum(
             only_in_base=plan.only_in_base, only_in_tuned=plan.only_in_tuned,
             mismatched=[name for name, _, _ in plan.mismatched],
         )
-        todo = [(p.tensor, p) for p in plan.pairs] + [(w.tensor, None) for w in plan.whole]
-        for done, (tensor, pair) in enumerate(todo, 1):
-            if pair is None:
-                b, t = base_index.get(tensor), tuned_index.get(tensor)
-                if torch.equal(b, t):
-                    report.unchanged += 1
-                else:
-                    report.changed_whole.append((tensor, tuple(b.shape)))
+        todo = len(plan.pairs) + len(plan.whole)
+        # as extract reads them: one ΔW at a time in one reused workspace, the next pairs read ahead
+        deltas = layer_deltas(base_index, tuned_index, plan.pairs, device=device, reuse=True)
+        for done, delta in enumerate(deltas, 1):
+            pair = delta.pair
+            if delta.energy == 0:
+                report.unchanged += 1
             else:
-                delta = layer_delta(base_index, tuned_index, pair, device=device)
-                if delta.energy == 0:
-                    report.unchanged += 1
-                else:
-                    report.layers.append(_layer_spectrum(pair.module, tensor, pair.kind, delta, k, exact, seed))
-                del delta
+                report.layers.append(_layer_spectrum(pair.module, pair.tensor, pair.kind, delta, k, exact, seed))
             if progress is not None:
-                progress(done, len(todo), tensor)
+                progress(done, todo, pair.tensor)
+        for done, whole in enumerate(plan.whole, len(plan.pairs) + 1):
+            b, t = base_index.get(whole.tensor), tuned_index.get(whole.tensor)
+            if torch.equal(b, t):
+                report.unchanged += 1
+            else:
+                report.changed_whole.append((whole.tensor, tuple(b.shape)))
+            if progress is not None:
+                progress(done, todo, whole.tensor)
     return report
 
 
@@ -291,7 +293,7 @@ def _layer_spectrum(
     if exact:
         s, tail = torch.linalg.svdvals(matrix), 0.0
     else:
-        U, s, Vh = randomized_svd(matrix, min(k, full), seed=seed)
+        U, s, Vh = randomized_svd(matrix, min(k, full), seed=seed, total_energy=delta.energy)
         tail = 0.0 if len(s) == full else residual_energy(matrix, U * s, Vh)
     shape = (int(matrix.shape[0]), int(matrix.shape[1]))
     return LayerSpectrum(name, tensor, kind, shape, s.float().cpu(), delta.energy, len(s) == full, tail)
