@@ -57,35 +57,33 @@ def assert_same_deltas(left: Adapter, right: Adapter) -> None:
         torch.testing.assert_close(other.delta(), module.delta(), rtol=1e-6, atol=1e-7)
 
 
+def round_trip(tmp_path_factory, adapter: Adapter, fmt: str, filename: str) -> Adapter:
+    """Save `adapter` as `fmt` to a fresh `filename`, load it back, and check every delta survived."""
+    out = tmp_path_factory.mktemp("rt") / filename
+    save_adapter(adapter, out, fmt)
+    back = load_adapter(out)
+    assert_same_deltas(adapter, back)
+    return back
+
+
 @settings(max_examples=25, deadline=None)
 @given(adapter=adapters(kinds=("linear", "conv2d", "embedding")))
 def test_peft_folder_round_trip(tmp_path_factory, adapter):
     # PEFT has one fan_in_fan_out flag per adapter, so Conv1D layers are drawn in their own test below.
-    out = tmp_path_factory.mktemp("rt") / "adapter"
-    save_adapter(adapter, out, "peft")
-    back = load_adapter(out)
-    assert back.format == "peft"
-    assert_same_deltas(adapter, back)
+    assert round_trip(tmp_path_factory, adapter, "peft", "adapter").format == "peft"
 
 
 @settings(max_examples=10, deadline=None)
 @given(adapter=adapters(kinds=("conv1d",)))
 def test_peft_round_trip_conv1d_sets_fan_in_fan_out(tmp_path_factory, adapter):
-    out = tmp_path_factory.mktemp("rt") / "adapter.safetensors"
-    save_adapter(adapter, out, "peft")
-    back = load_adapter(out)
+    back = round_trip(tmp_path_factory, adapter, "peft", "adapter.safetensors")
     assert back.config["fan_in_fan_out"] is True
-    assert_same_deltas(adapter, back)
 
 
 @settings(max_examples=25, deadline=None)
 @given(adapter=adapters(kinds=("linear", "conv2d")))
 def test_kohya_round_trip(tmp_path_factory, adapter):
-    out = tmp_path_factory.mktemp("rt") / "adapter.safetensors"
-    save_adapter(adapter, out, "kohya")
-    back = load_adapter(out)
-    assert back.format == "kohya"
-    assert_same_deltas(adapter, back)
+    assert round_trip(tmp_path_factory, adapter, "kohya", "adapter.safetensors").format == "kohya"
 
 
 def test_kohya_file_layout_and_metadata(tmp_path):
