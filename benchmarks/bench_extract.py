@@ -46,9 +46,12 @@ import torch
 from safetensors.torch import save_file
 
 from loratools.checkpoint import open_checkpoint
-from loratools.extract import ExtractResult, extract, layer_deltas
-from loratools.linalg import RankPolicy, frobenius_energy, low_rank, residual_energy
+from loratools.deltas import layer_deltas
+from loratools.extract import ExtractResult, extract
+from loratools.linalg import frobenius_energy, residual_energy
 from loratools.plan import plan_extract
+from loratools.policies import RankPolicy
+from loratools.rsvd import SvdSettings, low_rank
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -132,7 +135,7 @@ def per_layer(args) -> list[dict]:
         delta = synthetic_delta(m, n, seed=number).to(args.device)
         sync(args.device)
         r = args.rank
-        t_rand, mem_rand, gpu_rand, lr = measure(args.device, low_rank, delta, RankPolicy("rank", r), seed=0)
+        t_rand, mem_rand, gpu_rand, lr = measure(args.device, low_rank, delta, RankPolicy("rank", r), settings=SvdSettings(seed=0))
         t_full, mem_full, gpu_full, (U, S, Vh) = measure(args.device, torch.linalg.svd, delta, full_matrices=False)
         energy = frobenius_energy(delta)  # both errors measured the same way: the full SVD's is the optimum
         optimal = math.sqrt(residual_energy(delta, U[:, :r] * S[:r], Vh[:r]) / energy)

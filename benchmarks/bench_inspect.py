@@ -25,7 +25,7 @@ import torch
 from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_files import save_adapter
 from loratools.inspection import inspect_adapter
-from loratools.spectra import module_singular_values
+from loratools.spectral import module_singular_values
 
 HIDDEN, INTERMEDIATE = 4096, 11008
 PROJECTIONS = {

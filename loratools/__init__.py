@@ -9,9 +9,8 @@ Example:
     >>> loratools.inspect_adapter("out/adapter").modules[0].singular_values
 """
 
-__version__ = "0.1.0"
-
 from loratools.adapter import Adapter, LoraModule
+from loratools.adapter_commands import AdapterResult, combine, convert, rescale, resize
 from loratools.adapter_files import load_adapter, save_adapter
 from loratools.algebra import combine_adapters, rescale_adapter, resize_adapter
 from loratools.checkpoint import TensorIndex, open_checkpoint
@@ -25,12 +24,14 @@ from loratools.errors import (
 )
 from loratools.extract import ExtractResult, extract
 from loratools.inspection import InspectReport, inspect_adapter
-from loratools.linalg import RankPolicy, factor_spectrum, low_rank, randomized_svd
+from loratools.linalg import factor_spectrum
 from loratools.merge import MergeResult, merge
-from loratools.operations import AdapterResult, combine, convert, rescale, resize
-from loratools.plan import plan_extract
-from loratools.sweep import SpectrumReport, rank_spectrum
+from loratools.plan import Selection, plan_extract
+from loratools.policies import RankPolicy
+from loratools.rsvd import SvdSettings, low_rank, randomized_svd
+from loratools.spectrum import SpectrumReport, rank_spectrum
 from loratools.verify import VerifyReport, verify_adapter
+from loratools.version import __version__
 
 __all__ = [
     "Adapter",
@@ -45,10 +46,13 @@ __all__ = [
     "MergeResult",
     "OutputError",
     "RankPolicy",
+    "Selection",
     "ShapeError",
     "SpectrumReport",
+    "SvdSettings",
     "TensorIndex",
     "VerifyReport",
+    "__version__",
     "combine",
     "combine_adapters",
     "convert",

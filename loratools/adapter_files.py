@@ -13,18 +13,26 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-
-import torch
 
 from loratools.adapter import Adapter
 from loratools.checkpoint import open_checkpoint
+from loratools.dtypes import DType, resolve_dtype
 from loratools.errors import CheckpointError, FormatError
 from loratools.formats import PEFT_CONFIG_KEY, parse, render_kohya, render_peft
 from loratools.writer import atomic_output, write_safetensors
 
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_CONFIG = "adapter_config.json"
+WRITABLE_FORMATS = ("peft", "kohya")
+
+
+def check_format(format: str) -> str:
+    """`format` if loratools can write it, else FormatError naming the choices."""
+    if format not in WRITABLE_FORMATS:
+        raise FormatError(f"--format {format!r}: choose one of {', '.join(WRITABLE_FORMATS)}")
+    return format
 
 
 def adapter_weights_path(path: Path) -> tuple[Path, Path | None]:
@@ -41,7 +49,7 @@ def adapter_weights_path(path: Path) -> tuple[Path, Path | None]:
     return path, sibling if sibling.is_file() and path.name in PEFT_WEIGHTS else None
 
 
-def load_adapter(path: str | os.PathLike, format: str | None = None) -> Adapter:
+def load_adapter(path: str | os.PathLike, *, format: str | None = None) -> Adapter:
     """Read a PEFT folder or file, a kohya file or a diffusers-style file into an Adapter (format detected).
 
     Raises CheckpointError for unreadable files and FormatError for invalid keys.
@@ -62,16 +70,29 @@ def load_adapter(path: str | os.PathLike, format: str | None = None) -> Adapter:
     return adapter
 
 
+def load_usable(path: str | os.PathLike) -> Adapter:
+    """`load_adapter`, refusing adapters with modules of an unsupported type (an operation would drop them)."""
+    adapter = load_adapter(path)
+    if adapter.unsupported:
+        kinds = sorted(set(adapter.unsupported.values()))
+        names = ", ".join(sorted(adapter.unsupported)[:4]) + (" ..." if len(adapter.unsupported) > 4 else "")
+        raise FormatError(
+            f"{path}: {len(adapter.unsupported)} module(s) of a type loratools cannot use ({', '.join(kinds)}):"
+            f" {names}; they would be lost, so nothing was written"
+        )
+    return adapter
+
+
 def save_adapter(
     adapter: Adapter,
     out: str | os.PathLike,
-    format: str = "peft",
     *,
-    inputs: list[str | os.PathLike] = (),
+    format: str = "peft",
+    inputs: Sequence[str | os.PathLike] = (),
     force: bool = False,
-    dtype: torch.dtype | None = None,
+    dtype: DType | None = None,
     kohya_prefix: str | None = None,
-    metadata: dict[str, str] | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Write `adapter` atomically as a PEFT folder / file or a kohya file; returns the written path.
 
@@ -79,12 +100,12 @@ def save_adapter(
         format: "peft" or "kohya".
         inputs: paths the output must not overwrite or sit inside.
         dtype: cast factors (not kohya alphas) to this dtype first.
-        metadata: extra safetensors metadata strings (provenance of the operation).
+        metadata: extra safetensors metadata strings (`writer.provenance` of the operation).
     """
-    if format not in ("peft", "kohya"):
-        raise FormatError(f"cannot write format {format!r}; choose peft or kohya")
-    if dtype is not None:
-        adapter = adapter.to(dtype)
+    check_format(format)
+    cast = resolve_dtype(dtype)
+    if cast is not None:
+        adapter = adapter.to(cast)
     extra = dict(metadata or {})
     out = Path(out)
     if format == "kohya":

@@ -22,16 +22,18 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from loratools.adapter import Adapter, LoraModule
+from loratools.dtypes import accumulation_dtype
 from loratools.errors import FormatError, LoratoolsError, ShapeError
-from loratools.formats import KOHYA_PREFIXES, kohya_stem
-from loratools.linalg import RankPolicy, choose_rank, factor_svd, truncation_errors
+from loratools.formats import KOHYA_PREFIXES, is_sdxl, kohya_stem
+from loratools.linalg import factor_svd
+from loratools.policies import RankPolicy, choose_rank, truncation_errors
 from loratools.progress import Progress
 
 METHODS = ("concat", "svd")
 
 
 @dataclass(frozen=True)
-class LayerReport:
+class ModuleChange:
     """What an operation did to one module: ranks before and after, and its relative Frobenius error."""
 
     name: str
@@ -41,12 +43,8 @@ class LayerReport:
     rank_out: int
     error: float
 
-    def to_dict(self) -> dict:
+    def to_json(self) -> dict:
         return {**asdict(self), "shape": list(self.shape)}
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _reference_scale(module: LoraModule) -> float:
@@ -62,7 +60,7 @@ def _output_alpha(first: LoraModule, rank: int) -> float:
 
 def _stacked(modules: Sequence[LoraModule], weights: Sequence[float], scale: float, dtype: torch.dtype):
     """(B blocks with wᵢ·sᵢ/scale folded in, A blocks), each cast to `dtype`."""
-    compute = _compute_dtype(dtype)
+    compute = accumulation_dtype(dtype)
     bs, as_ = [], []
     for module, weight in zip(modules, weights, strict=True):
         fold = weight * module.scale / scale
@@ -117,7 +115,7 @@ def _truncate(
     template: LoraModule, left: torch.Tensor, right: torch.Tensor, policy: RankPolicy, dtype: torch.dtype
 ) -> tuple[LoraModule, int, float]:
     """Best approximation of the LoRA matrix left @ right chosen by `policy`: (module, rank, relative error)."""
-    U, S, Vh = factor_svd(left, right, 1.0, _compute_dtype(dtype))
+    U, S, Vh = factor_svd(left, right, 1.0, accumulation_dtype(dtype))
     rank = choose_rank(S, policy)
     if rank is None:  # S is the complete spectrum: the policy keeps every value up to the cap
         rank = min(len(S), policy.max_rank)
@@ -132,7 +130,7 @@ def _truncate(
 
 def recompress_modules(
     modules: Sequence[LoraModule], weights: Sequence[float], policy: RankPolicy, dtype: torch.dtype | None = None
-) -> tuple[LoraModule, LayerReport]:
+) -> tuple[LoraModule, ModuleChange]:
     """Σ wᵢ·ΔWᵢ recompressed to the rank `policy` chooses, from the stacked factors (QR + small SVD).
 
     Args:
@@ -144,15 +142,15 @@ def recompress_modules(
     """
     _check_compatible(modules)
     dtype = dtype or _promoted_dtype(modules)
-    compute = _compute_dtype(dtype)
+    compute = accumulation_dtype(dtype)
     left = torch.cat([m.factors(compute)[0] * (w * m.scale) for m, w in zip(modules, weights, strict=True)], 1)
     right = torch.cat([m.factors(compute)[1] for m in modules], 0)
     module, rank, error = _truncate(modules[0], left, right, policy, dtype)
     first = modules[0]
-    return module, LayerReport(first.name, first.kind, first.base_shape, left.shape[1], rank, error)
+    return module, ModuleChange(first.name, first.kind, first.base_shape, left.shape[1], rank, error)
 
 
-def resize_module(module: LoraModule, policy: RankPolicy) -> tuple[LoraModule, LayerReport]:
+def resize_module(module: LoraModule, policy: RankPolicy) -> tuple[LoraModule, ModuleChange]:
     """Optimal truncation of one module's delta to the rank `policy` chooses, scale preserved.
 
     Args:
@@ -162,9 +160,9 @@ def resize_module(module: LoraModule, policy: RankPolicy) -> tuple[LoraModule, L
         report with the Eckart–Young error ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F). A rank above the layer's
         min(out, in) or r is clamped.
     """
-    b, a = module.factors(_compute_dtype(module.A.dtype))
+    b, a = module.factors(accumulation_dtype(module.A.dtype))
     resized, rank, error = _truncate(module, b * module.scale, a, policy, module.A.dtype)
-    return resized, LayerReport(module.name, module.kind, module.base_shape, module.rank, rank, error)
+    return resized, ModuleChange(module.name, module.kind, module.base_shape, module.rank, rank, error)
 
 
 def rescale_module(module: LoraModule, factor: float) -> LoraModule:
@@ -182,10 +180,11 @@ def set_alpha(module: LoraModule, alpha: float) -> LoraModule:
     ratio = module.scale / new.scale
     if ratio == 1:
         return new
-    return replace(new, B=(module.B.to(_compute_dtype(module.B.dtype)) * ratio).to(module.B.dtype))
+    return replace(new, B=(module.B.to(accumulation_dtype(module.B.dtype)) * ratio).to(module.B.dtype))
 
 
-def _weights(count: int, weights: Sequence[float] | None) -> list[float]:
+def adapter_weights(count: int, weights: Sequence[float] | None) -> list[float]:
+    """One float weight per adapter: all 1 when none are given. Raises LoratoolsError when the counts differ."""
     if weights is None or len(weights) == 0:
         return [1.0] * count
     if len(weights) != count:
@@ -201,7 +200,7 @@ def _match_keys(adapters: Sequence[Adapter]) -> tuple[list[dict[str, str]], dict
     """
     names = [name for adapter in adapters for name in adapter.modules]
     mixed = any(n.startswith(KOHYA_PREFIXES) for n in names) and not all(n.startswith(KOHYA_PREFIXES) for n in names)
-    sdxl = any(n.startswith(("text_encoder_2.", "lora_te2_")) for n in names)
+    sdxl = is_sdxl(names)
     keyed = [{n: kohya_stem(n, sdxl=sdxl) if mixed else n for n in a.modules} for a in adapters]
     out_names: dict[str, str] = {}
     for keys in keyed:
@@ -231,42 +230,45 @@ def _common_metadata(adapters: Sequence[Adapter]) -> dict[str, str]:
 
 def combine_adapters(
     adapters: Sequence[Adapter],
+    *,
     weights: Sequence[float] | None = None,
     method: str = "concat",
     policy: RankPolicy | None = None,
     dtype: torch.dtype | None = None,
     progress: Progress | None = None,
-) -> tuple[Adapter, list[LayerReport]]:
+) -> tuple[Adapter, list[ModuleChange]]:
     """Σ wᵢ·ΔWᵢ over adapters; a module missing from an adapter counts as zero there.
 
     Args:
         adapters: PEFT and/or kohya adapters (kohya stems and dotted names are matched with each other).
         weights: one per adapter (default all 1).
-        method: "concat" (exact, ranks add) or "svd" (recompressed to `policy`; default rank: the largest
-            input rank of each layer).
+        method: "concat" (exact, ranks add; no `policy`) or "svd" (recompressed to `policy`; default rank:
+            the largest input rank of each layer).
         dtype: factor dtype of the result (default: promoted input dtypes).
         progress: called as (done, total, module name).
     Returns:
-        (adapter, one LayerReport per module: ranks and relative error against the exact sum; 0 for concat).
+        (adapter, one ModuleChange per module: ranks and relative error against the exact sum; 0 for concat).
     """
     if method not in METHODS:
         raise LoratoolsError(f"unknown combine method {method!r}; choose concat or svd")
+    if method == "concat" and policy is not None:
+        raise LoratoolsError("rank policies apply to --method svd; concat keeps every rank (exact)")
     if not adapters:
         raise LoratoolsError("give at least one adapter to combine")
-    weights = _weights(len(adapters), weights)
+    weights = adapter_weights(len(adapters), weights)
     keyed, out_names = _match_keys(adapters)
     groups: dict[str, list[tuple[LoraModule, float]]] = {key: [] for key in out_names}
     for adapter, keys, weight in zip(adapters, keyed, weights, strict=True):
         for name, module in adapter.modules.items():
             groups[keys[name]].append((replace(module, name=out_names[keys[name]]), weight))
     modules: dict[str, LoraModule] = {}
-    reports: list[LayerReport] = []
+    reports: list[ModuleChange] = []
     for done, (key, group) in enumerate(groups.items()):
         parts, part_weights = [m for m, _ in group], [w for _, w in group]
         if method == "concat":
             module = concat_modules(parts, part_weights, dtype)
             first = parts[0]
-            report = LayerReport(first.name, first.kind, first.base_shape, module.rank, module.rank, 0.0)
+            report = ModuleChange(first.name, first.kind, first.base_shape, module.rank, module.rank, 0.0)
         else:
             layer_policy = policy or RankPolicy("rank", max(m.rank for m in parts))
             module, report = recompress_modules(parts, part_weights, layer_policy, dtype)
@@ -287,7 +289,7 @@ def combine_adapters(
     return combined, reports
 
 
-def rescale_adapter(adapter: Adapter, scale: float | None = None, alpha: float | None = None) -> Adapter:
+def rescale_adapter(adapter: Adapter, *, scale: float | None = None, alpha: float | None = None) -> Adapter:
     """Every delta multiplied by `scale`, or every alpha set to `alpha` with the deltas unchanged (give one).
 
     Full (modules_to_save) tensors replace base weights rather than add to them, so they are kept as they are.
@@ -305,15 +307,15 @@ def rescale_adapter(adapter: Adapter, scale: float | None = None, alpha: float |
 
 
 def resize_adapter(
-    adapter: Adapter, policy: RankPolicy, progress: Progress | None = None
-) -> tuple[Adapter, list[LayerReport]]:
+    adapter: Adapter, *, policy: RankPolicy, progress: Progress | None = None
+) -> tuple[Adapter, list[ModuleChange]]:
     """Every module truncated optimally to the rank `policy` chooses (see `resize_module`); full tensors kept.
 
     Returns:
-        (adapter, one LayerReport per module).
+        (adapter, one ModuleChange per module).
     """
     modules: dict[str, LoraModule] = {}
-    reports: list[LayerReport] = []
+    reports: list[ModuleChange] = []
     for done, (name, module) in enumerate(adapter.modules.items()):
         modules[name], report = resize_module(module, policy)
         reports.append(report)

@@ -10,8 +10,9 @@ Decisions:
 - One ``lora_alpha`` for the whole adapter, equal to the most common rank (scale 1.0 for most modules); every
   other module's own scale is folded into its B. PEFT still gets ``rank_pattern`` for mixed ranks, but no
   ``alpha_pattern``, which llama.cpp's converter ignores.
-- Each layer's sketch is seeded from ``--seed`` and the module name, so a layer's result does not depend on
-  which other layers were selected; the Gaussian test matrices are drawn on the CPU, so cpu and cuda agree.
+- Each layer's sketch is seeded from ``--seed`` and the module name (`SvdSettings.for_layer`), so a layer's
+  result does not depend on which other layers were selected; the Gaussian test matrices are drawn on the
+  CPU, so cpu and cuda agree.
 - Whole tensors (norms, biases, ...) are compared before any LoRA is computed, so conflicts (a bias saved whole
   on a module that also gets a LoRA, which PEFT cannot load) fail fast. A module saved whole carries all its
   parameters (PEFT's ``modules_to_save`` loading needs the unchanged bias next to a changed weight).
@@ -20,132 +21,32 @@ Decisions:
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import resource
 import time
-import zlib
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
 
-from loratools.adapter import Adapter, LoraModule, lora_matrix
-from loratools.adapter_files import save_adapter
+from loratools.adapter import Adapter, LoraModule
+from loratools.adapter_files import check_format, save_adapter
 from loratools.checkpoint import TensorIndex, open_checkpoint
-from loratools.errors import CheckpointError, FormatError, LoratoolsError
-from loratools.linalg import MAX_POWER_ITERS, POWER_GAIN, RankPolicy, compute_dtype, frobenius_energy, low_rank
-from loratools.plan import LayerPair, Plan, WholeTensor, natural_key, plan_extract
+from loratools.deltas import TensorChange, layer_deltas, tensor_change
+from loratools.dtypes import OUTPUT_DTYPES, DType, dtype_name, resolve_dtype
+from loratools.errors import FormatError, LoratoolsError
+from loratools.linalg import pooled_rel_error
+from loratools.names import natural_key, short_list
+from loratools.plan import LayerPair, Pairing, Plan, Selection, WholeTensor, plan_extract
+from loratools.policies import RankPolicy
 from loratools.progress import Progress
-from loratools.writer import OUTPUT_DTYPES, atomic_output, check_output
-
-SUB_CHUNK = 1 << 20  # elements per block when subtracting the base
-READ_AHEAD_BYTES = 256 * 1024 * 1024  # stored bytes of upcoming pairs asked of the OS ahead of their use
-
-
-@dataclass(frozen=True)
-class LayerDelta:
-    """One layer's ΔW = tuned − base as its LoRA matrix.
-
-    Attributes:
-        pair: the planned layer.
-        matrix: (rows, cols) = ``pair.matrix_shape``, in the requested dtype and device.
-        energy: ‖ΔW‖²_F (float64); 0 for an unchanged layer.
-    """
-
-    pair: LayerPair
-    matrix: torch.Tensor
-    energy: float
-
-
-def layer_delta(
-    base: TensorIndex,
-    tuned: TensorIndex,
-    pair: LayerPair,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    workspace: torch.Tensor | None = None,
-) -> LayerDelta:
-    """One pair's ΔW = tuned − base as its LoRA matrix, formed in `dtype` whatever the stored dtypes.
-
-    Memory: one (rows, cols) matrix, new or a view of `workspace` (1-D, in `dtype` on `device`, at least
-    rows·cols long); the stored tensors are memory-mapped pages, never written. Reusing a workspace saves
-    most of the time: a fresh matrix of this size is zero-filled page by page by the OS, which costs several
-    times the copy itself.
-
-    Raises:
-        CheckpointError naming the tensor and the file when ΔW holds inf or nan.
-    """
-    stored_tuned = tuned.get(pair.tensor)
-    if workspace is None:
-        delta = stored_tuned.to(device=device, dtype=dtype, copy=True)
-    else:
-        delta = workspace[: stored_tuned.numel()].view(stored_tuned.shape).copy_(stored_tuned)
-    stored = base.get(pair.tensor).to(device=device)
-    for part, subtrahend in zip(delta.view(-1).split(SUB_CHUNK), stored.view(-1).split(SUB_CHUNK), strict=True):
-        part.sub_(subtrahend)  # in blocks: a mixed-dtype sub_ makes a converted copy of its whole operand
-    matrix = lora_matrix(delta, pair.kind)
-    energy = frobenius_energy(matrix)
-    if not math.isfinite(energy):
-        raise non_finite_error(pair.tensor, base, tuned)
-    return LayerDelta(pair, matrix, energy)
-
-
-def layer_deltas(
-    base: TensorIndex,
-    tuned: TensorIndex,
-    pairs: list[LayerPair],
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: str | torch.device = "cpu",
-    reuse: bool = False,
-) -> Iterator[LayerDelta]:
-    """Yield `layer_delta` for each pair in turn: one ΔW in memory at a time if the caller drops each one.
-
-    While a ΔW is being used, the next pair's tensors are read ahead from disk (`TensorIndex.prefetch`).
-
-    Args:
-        base, tuned: open checkpoints; pairs: from `plan_extract` (``plan.pairs``).
-        reuse: form every ΔW in one workspace sized for the largest pair; each yielded matrix is then
-            overwritten by the next, so use (or copy) it before asking for the next one.
-
-    Example:
-        >>> with open_checkpoint("base") as b, open_checkpoint("tuned") as t:
-        ...     for d in layer_deltas(b, t, plan_extract(b, t).pairs, reuse=True):
-        ...         print(d.pair.module, tuple(d.matrix.shape), d.energy ** 0.5)
-    """
-    workspace = None
-    if reuse and pairs:
-        workspace = torch.empty(max(math.prod(p.shape) for p in pairs), dtype=dtype, device=device)
-    sizes = [base.info(p.tensor).nbytes + tuned.info(p.tensor).nbytes for p in pairs]
-    asked = 1  # pairs[1:asked] have been read ahead; the first is read when needed
-    for number, pair in enumerate(pairs):
-        # keep the next pair, and more within READ_AHEAD_BYTES of stored data, on its way from disk
-        asked = max(asked, number + 1)
-        while asked < len(pairs) and (asked == number + 1 or sum(sizes[number + 1:asked]) < READ_AHEAD_BYTES):
-            base.prefetch(pairs[asked].tensor)
-            tuned.prefetch(pairs[asked].tensor)
-            asked += 1
-        yield layer_delta(base, tuned, pair, dtype=dtype, device=device, workspace=workspace)
-
-
-def non_finite_error(tensor: str, base: TensorIndex, tuned: TensorIndex) -> CheckpointError:
-    """The error for a non-finite ΔW of `tensor`, naming the checkpoint and file that hold the nan/inf."""
-    for index in (tuned, base):
-        if not bool(torch.isfinite(index.get(tensor)).all()):
-            return CheckpointError(
-                f"{tensor}: non-finite values (nan or inf) in {index.path} ({index.info(tensor).file.name}); "
-                "the checkpoint is corrupt or overflowed: repair it, or leave the tensor out with --exclude"
-            )
-    return CheckpointError(f"{tensor}: tuned − base overflows (non-finite ΔW); leave the tensor out with --exclude")
+from loratools.rsvd import SvdSettings, low_rank
+from loratools.writer import check_output, provenance, write_json
 
 
 @dataclass
-class LayerReport:
-    """What extraction did to one layer (JSON field names in parentheses where they differ).
+class ExtractedLayer:
+    """What extraction did to one layer.
 
     Attributes:
         name: module name; tensor: weight name; shape: base layout; kind: layer kind.
@@ -154,7 +55,7 @@ class LayerReport:
         sigma_1, sigma_r: largest and smallest kept singular value (0 when rank is 0).
         delta_norm: ‖ΔW‖_F.
         power_iters: power iterations the randomized SVD ran (0 for an exact SVD).
-        optimal_rel_error: Eckart–Young optimum at this rank (only with ``exact``).
+        optimal_rel_error: Eckart–Young optimum at this rank (only with an exact SVD).
         seconds: wall time for this layer (load, ΔW, SVD, error).
     """
 
@@ -180,19 +81,12 @@ class LayerReport:
         return data
 
 
-@dataclass
-class ChangedTensor:
-    """A whole tensor (not a LoRA) that differs between the checkpoints."""
+@dataclass(frozen=True)
+class ChangedTensor(TensorChange):
+    """A whole tensor (not a LoRA) that differs between the checkpoints, and whether it was saved whole."""
 
-    name: str
-    shape: tuple[int, ...]
-    saved: bool
-    why: str
-    max_abs_change: float
-    rel_change: float
-
-    def to_json(self) -> dict:
-        return dict(asdict(self), shape=list(self.shape))
+    saved: bool = False
+    why: str = ""
 
 
 @dataclass
@@ -217,11 +111,13 @@ class ExtractSummary:
     peak_rss_bytes: int = 0
     kind_source: str = ""
     task_type: str | None = None
-    only_in_base: list[str] = field(default_factory=list)
-    only_in_tuned: list[str] = field(default_factory=list)
-    mismatched: list[dict] = field(default_factory=list)
+    pairing: Pairing = field(default_factory=Pairing)
     excluded: int = 0
     notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        data = {k: v for k, v in asdict(self).items() if k != "pairing"}
+        return {**data, **self.pairing.to_json()}
 
 
 @dataclass
@@ -233,20 +129,24 @@ class ExtractResult:
 
     plan: Plan
     summary: ExtractSummary
-    layers: list[LayerReport] = field(default_factory=list)
+    layers: list[ExtractedLayer] = field(default_factory=list)
     changed: list[ChangedTensor] = field(default_factory=list)
     unchanged: int = 0
     adapter: Adapter | None = None
     dry_run: bool = False
 
+    @property
+    def notes(self) -> list[str]:
+        return self.summary.notes
+
     def to_json(self) -> dict:
         """``{"layers": [...], "changed_tensors": [...], "summary": {...}}``, or ``{"plan": ...}`` for a dry run."""
         if self.dry_run:
-            return {"plan": self.plan.to_json(), "summary": asdict(self.summary)}
+            return {"plan": self.plan.to_json(), "summary": self.summary.to_json()}
         return {
             "layers": [layer.to_json() for layer in self.layers],
             "changed_tensors": [c.to_json() for c in self.changed],
-            "summary": asdict(self.summary),
+            "summary": self.summary.to_json(),
         }
 
 
@@ -257,19 +157,10 @@ def extract(
     *,
     policy: RankPolicy = RankPolicy(),
     conv_rank: int | None = None,
-    embeddings: str = "lora",
-    save_full: tuple[str, ...] | list[str] = (),
-    include: tuple[str, ...] | list[str] = (),
-    exclude: tuple[str, ...] | list[str] = (),
-    skip_mismatched: bool = False,
+    selection: Selection = Selection(),
+    svd: SvdSettings = SvdSettings(),
     format: str = "peft",
-    dtype: str | None = None,
-    precision: str = "fp32",
-    exact: bool = False,
-    seed: int = 0,
-    oversample: int | None = None,
-    power_iters: int | None = None,
-    device: str = "cpu",
+    dtype: DType | None = None,
     dry_run: bool = False,
     force: bool = False,
     report: str | os.PathLike | None = None,
@@ -281,15 +172,11 @@ def extract(
         base, tuned: checkpoints `open_checkpoint` reads (folders, shards, single files).
         out: output path: a PEFT folder, a ``.safetensors`` file (bare PEFT or kohya).
         policy: rank policy for every layer; `conv_rank` overrides it with a fixed rank for conv2d layers.
-        embeddings: ``lora``, ``full`` (save whole when changed) or ``skip`` (report only).
-        save_full: patterns of tensors to save whole when changed (PEFT ``modules_to_save``).
-        include, exclude, skip_mismatched: tensor selection, see `plan_extract`.
+        selection: which tensors; embeddings as LoRA, whole or skipped; --save-full patterns (`Selection`).
+        svd: how each ΔW is factored (randomized or exact, seed, precision, device; `SvdSettings`).
         format: ``peft`` or ``kohya``.
-        dtype: ``fp32``, ``fp16`` or ``bf16`` for the written factors; default the tuned weights' dtype.
-        precision: ``fp32`` or ``fp64`` for ΔW and the SVD.
-        exact: full SVD per layer instead of randomized SVD (slow; reports the Eckart–Young optimum).
-        seed, oversample, power_iters: randomized SVD settings (see `low_rank`).
-        device: ``cpu`` or ``cuda`` (``cuda:N``) for the SVD.
+        dtype: the written factors' dtype (``fp32``, ``fp16``, ``bf16`` or a torch dtype); default the tuned
+            weights' dtype.
         dry_run: plan only (reads headers, no tensor data), write nothing.
         force: replace an existing `out` (and `report`).
         report: also write ``result.to_json()`` to this path (the plan's report with `dry_run`); checked
@@ -305,37 +192,34 @@ def extract(
         >>> result.summary.rel_error, [layer.rank for layer in result.layers][:3]
     """
     started = time.perf_counter()
-    if format not in ("peft", "kohya"):
-        raise FormatError(f"--format {format!r}: choose peft or kohya")
-    if dtype is not None and dtype not in OUTPUT_DTYPES:
-        raise LoratoolsError(f"--dtype {dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
-    work_dtype = compute_dtype(precision)
-    torch_device = _check_device(device)
+    check_format(format)
+    written_dtype = resolve_dtype(dtype)
+    if conv_rank is not None and conv_rank < 1:
+        raise LoratoolsError(f"--conv-rank {conv_rank} must be ≥ 1")
+    device = svd.torch_device()
     check_output(out, [base, tuned], force)
     if report is not None:
         check_output(report, [base, tuned, out], force)
     with open_checkpoint(base) as base_index, open_checkpoint(tuned) as tuned_index:
-        plan = plan_extract(base_index, tuned_index, include=include, exclude=exclude, embeddings=embeddings,
-                            save_full=save_full, skip_mismatched=skip_mismatched)
-        _check_format(plan, format)
-        out_dtype = OUTPUT_DTYPES[dtype] if dtype else _tuned_dtype(plan, tuned_index)
+        plan = plan_extract(base_index, tuned_index, selection=selection)
+        _check_plan_format(plan, format)
+        out_dtype = written_dtype or _tuned_dtype(plan, tuned_index)
         summary = ExtractSummary(
-            base=str(base), tuned=str(tuned), output=str(out), format=format,
-            dtype=str(out_dtype).removeprefix("torch."), rank_policy=_describe(policy, conv_rank),
-            algorithm=_algorithm(exact, oversample, power_iters, seed, precision), device=str(torch_device),
-            kind_source=plan.kind_source, task_type=plan.task_type, only_in_base=plan.only_in_base,
-            only_in_tuned=plan.only_in_tuned, excluded=len(plan.excluded),
-            mismatched=[{"name": n, "base": list(b), "tuned": list(t)} for n, b, t in plan.mismatched],
+            base=str(base), tuned=str(tuned), output=str(out), format=format, dtype=dtype_name(out_dtype),
+            rank_policy=_describe(policy, conv_rank), algorithm=svd.describe(), device=str(device),
+            kind_source=plan.kind_source, task_type=plan.task_type, pairing=plan.pairing,
+            excluded=len(plan.excluded),
         )
         result = ExtractResult(plan, summary, dry_run=dry_run)
         if dry_run:
-            _write_report(result, report, [base, tuned, out], force)
+            if report is not None:
+                write_json(report, result.to_json(), inputs=[base, tuned, out], force=force)
             return result
         total = len(plan.whole) + len(plan.pairs)
         full = _compare_whole(plan, base_index, tuned_index, result, progress, total)
         factors = {}
         # one ΔW in memory at a time, each formed in the same workspace while the next is read ahead
-        deltas = layer_deltas(base_index, tuned_index, plan.pairs, dtype=work_dtype, device=torch_device, reuse=True)
+        deltas = layer_deltas(base_index, tuned_index, plan.pairs, dtype=svd.dtype, device=device, reuse=True)
         for number, pair in enumerate(plan.pairs):
             if progress:
                 progress(len(plan.whole) + number, total, pair.module)
@@ -345,11 +229,10 @@ def extract(
                 result.unchanged += 1
                 continue
             layer_policy = RankPolicy("rank", conv_rank) if conv_rank and pair.kind == "conv2d" else policy
-            lr = low_rank(delta.matrix, layer_policy, exact=exact, oversample=oversample, power_iters=power_iters,
-                          seed=_layer_seed(seed, pair.module), dtype=work_dtype, total_energy=delta.energy)
+            lr = low_rank(delta.matrix, layer_policy, settings=svd.for_layer(pair.module), total_energy=delta.energy)
             if lr.rank:
                 factors[pair] = tuple(f.to("cpu", torch.float32) for f in lr.factors())
-            result.layers.append(LayerReport(
+            result.layers.append(ExtractedLayer(
                 pair.module, pair.tensor, pair.shape, pair.kind, lr.rank, lr.rel_error, lr.energy,
                 float(lr.S[0]), float(lr.S[lr.rank - 1]) if lr.rank else 0.0, lr.total_energy**0.5, lr.clamped,
                 lr.power_iters, time.perf_counter() - tick, lr.optimal_rel_error,
@@ -364,34 +247,17 @@ def extract(
             f" {len(result.changed)} changed tensors not saved); check the paths, or save changed tensors with"
             " --save-full PATTERN"
         )
-    save_adapter(result.adapter, out, format, inputs=[base, tuned], force=force, dtype=out_dtype,
-                 metadata=_provenance(summary))
+    parameters = {"rank_policy": summary.rank_policy, "algorithm": summary.algorithm}
+    save_adapter(result.adapter, out, format=format, inputs=[base, tuned], force=force, dtype=out_dtype,
+                 metadata=provenance("extract", [base, tuned], parameters))
     summary.seconds = time.perf_counter() - started
     summary.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    _write_report(result, report, [base, tuned, out], force)
+    if report is not None:
+        write_json(report, result.to_json(), inputs=[base, tuned, out], force=force)
     return result
 
 
-def _write_report(result: ExtractResult, report: str | os.PathLike | None, inputs: list, force: bool) -> None:
-    if report is not None:
-        with atomic_output(report, inputs, force) as tmp:
-            tmp.write_text(json.dumps(result.to_json(), indent=2) + "\n")
-
-
-def _check_device(device: str) -> torch.device:
-    try:
-        torch_device = torch.device(device)
-    except RuntimeError:
-        raise LoratoolsError(f"--device {device!r} is not a torch device; use cpu or cuda") from None
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise LoratoolsError(
-            f"--device {device}: torch {torch.__version__} sees no CUDA GPU; use --device cpu,"
-            " or install a CUDA build of torch on a machine with a GPU"
-        )
-    return torch_device
-
-
-def _check_format(plan: Plan, format: str) -> None:
+def _check_plan_format(plan: Plan, format: str) -> None:
     if format != "kohya":
         return
     odd = [p for p in plan.pairs if p.kind in ("embedding", "conv1d")]
@@ -411,24 +277,7 @@ def _tuned_dtype(plan: Plan, tuned: TensorIndex) -> torch.dtype:
 
 
 def _describe(policy: RankPolicy, conv_rank: int | None) -> str:
-    value = int(policy.value) if float(policy.value).is_integer() else policy.value
-    text = f"{policy.kind.replace('_', '-')} {value}"
-    if policy.dynamic:
-        text += f" (max rank {policy.max_rank})"
-    return text + (f", conv rank {conv_rank}" if conv_rank else "")
-
-
-def _algorithm(exact: bool, oversample: int | None, power_iters: int | None, seed: int, precision: str) -> str:
-    if exact:
-        return f"exact SVD ({precision})"
-    over = "max(10, rank)" if oversample is None else str(oversample)
-    iterations = (f"adaptive power iterations (1–{MAX_POWER_ITERS}, until more would gain < {POWER_GAIN:.1%})"
-                  if power_iters is None else f"{power_iters} power iterations")
-    return f"randomized SVD ({precision}, oversample {over}, {iterations}, seed {seed})"
-
-
-def _layer_seed(seed: int, module: str) -> int:
-    return (seed * 0x9E3779B1 + zlib.crc32(module.encode())) % (1 << 63)
+    return policy.describe() + (f", conv rank {conv_rank}" if conv_rank else "")
 
 
 def _compare_whole(
@@ -441,19 +290,14 @@ def _compare_whole(
     for number, whole in enumerate(plan.whole):
         if progress:
             progress(number, total, whole.tensor)
-        b, t = base.get(whole.tensor), tuned.get(whole.tensor)
-        if torch.equal(b, t):  # compares values across dtypes (fp32 base vs bf16 tuned)
+        change = tensor_change(base, tuned, whole.tensor)
+        if change is None:
             result.unchanged += 1
             continue
-        diff = t.double() - b.double()
-        norm = float(b.double().norm())
-        result.changed.append(ChangedTensor(
-            whole.tensor, whole.shape, whole.save, whole.why, float(diff.abs().max()),
-            float(diff.norm()) / norm if norm else float("inf"),
-        ))
+        result.changed.append(ChangedTensor(**asdict(change), saved=whole.save, why=whole.why))
         if whole.save:
             _refuse_module_conflict(whole, lora_modules)
-            full[whole.tensor] = t
+            full[whole.tensor] = tuned.get(whole.tensor)
     saved_modules = {name.rpartition(".")[0] for name in full}
     for name in tuned.tensors:  # PEFT's modules_to_save loads every parameter of a saved module
         if name.rpartition(".")[0] in saved_modules and name not in full:
@@ -485,47 +329,26 @@ def _build_adapter(
 
 def _finish_summary(result: ExtractResult, out_dtype: torch.dtype) -> None:
     summary, plan, adapter = result.summary, result.plan, result.adapter
-    total = sum(layer.delta_norm**2 for layer in result.layers)
-    residual = sum((layer.delta_norm * layer.rel_error) ** 2 for layer in result.layers)
+    assert adapter is not None
+    residual = pooled_rel_error(((layer.delta_norm * layer.rel_error) ** 2, layer.delta_norm**2)
+                                for layer in result.layers)
     summary.layers = len(adapter.modules)
     summary.unchanged_tensors = result.unchanged
-    summary.rel_error = (residual / total) ** 0.5 if total else 0.0
-    summary.energy = 1 - residual / total if total else 1.0
+    summary.rel_error = residual
+    summary.energy = 1 - residual**2
     summary.adapter_bytes = adapter.num_parameters() * out_dtype.itemsize
     summary.full_delta_bytes = sum(torch.Size(layer.shape).numel() for layer in result.layers) * out_dtype.itemsize
     notes = summary.notes
     clamped = [layer.name for layer in result.layers if layer.clamped]
     if clamped:
         notes.append(f"{len(clamped)} layer(s) smaller than the requested rank were clamped to min(out, in):"
-                     f" {_names(clamped)}")
+                     f" {short_list(clamped)}")
     zero = [layer.name for layer in result.layers if layer.rank == 0]
     if zero:
         notes.append(f"{len(zero)} changed layer(s) got rank 0 under {summary.rank_policy} and are not in the"
-                     f" adapter: {_names(zero)}")
+                     f" adapter: {short_list(zero)}")
     dropped = [c.name for c in result.changed if not c.saved]
     if dropped:
-        notes.append(f"{len(dropped)} changed tensor(s) cannot be a LoRA and were not saved: {_names(dropped)};"
+        notes.append(f"{len(dropped)} changed tensor(s) cannot be a LoRA and were not saved: {short_list(dropped)};"
                      " save them whole with --save-full PATTERN (PEFT modules_to_save)")
-    if plan.only_in_tuned:
-        notes.append(f"{len(plan.only_in_tuned)} tensor(s) only in the tuned checkpoint are not in the adapter:"
-                     f" {_names(plan.only_in_tuned)}")
-    if plan.only_in_base:
-        notes.append(f"{len(plan.only_in_base)} tensor(s) only in the base checkpoint: {_names(plan.only_in_base)}")
-    if plan.mismatched:
-        notes.append(f"{len(plan.mismatched)} tensor(s) with different shapes skipped:"
-                     f" {_names([n for n, _, _ in plan.mismatched])}")
-
-
-def _names(names: list[str], limit: int = 4) -> str:
-    return ", ".join(names[:limit]) + (f" … (+{len(names) - limit})" if len(names) > limit else "")
-
-
-def _provenance(summary: ExtractSummary) -> dict[str, str]:
-    return {
-        "loratools_command": "extract",
-        "loratools_base": summary.base,
-        "loratools_tuned": summary.tuned,
-        "loratools_rank_policy": summary.rank_policy,
-        "loratools_algorithm": summary.algorithm,
-    }
-
+    notes += plan.pairing.notes()

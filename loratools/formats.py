@@ -18,9 +18,9 @@ Decisions:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
+from collections.abc import Iterable
 
 import torch
 
@@ -231,6 +231,26 @@ KOHYA_NAMESPACES = {
 }
 
 
+def is_sdxl(names: Iterable[str]) -> bool:
+    """Whether module names include SDXL's second text encoder (then the first one's kohya prefix is lora_te1_)."""
+    return any(n.startswith(("text_encoder_2.", "lora_te2_")) for n in names)
+
+
+def kohya_stems(tensor_names: Iterable[str]) -> dict[str, str]:
+    """kohya stem -> dotted module name for every ``<module>.weight`` of a checkpoint, in every namespace of
+    KOHYA_NAMESPACES (the first module claiming a stem keeps it)."""
+    by_stem: dict[str, str] = {}
+    for tensor in tensor_names:
+        if not tensor.endswith(".weight"):
+            continue
+        module = tensor[: -len(".weight")]
+        for prefix, namespaces in KOHYA_NAMESPACES.items():
+            for space in namespaces:
+                if module.startswith(space):
+                    by_stem.setdefault(prefix + module[len(space):].replace(".", "_"), module)
+    return by_stem
+
+
 def kohya_stem(name: str, prefix: str | None = None, sdxl: bool = False) -> str:
     """The kohya key stem of a dotted module name.
 
@@ -252,38 +272,13 @@ def kohya_stem(name: str, prefix: str | None = None, sdxl: bool = False) -> str:
     return prefix + name.replace(".", "_")
 
 
-def resolve_kohya_names(adapter: Adapter, base_names: list[str]) -> Adapter:
-    """Rename kohya-stem modules to the dotted base module names they stand for.
-
-    Args:
-        base_names: every tensor name of the base checkpoint.
-    Returns:
-        A copy with module names (and their `name` fields) resolved; stems that match nothing are kept,
-        for the caller to report.
-    """
-    by_stem: dict[str, str] = {}
-    for tensor in base_names:
-        if not tensor.endswith(".weight"):
-            continue
-        module = tensor[: -len(".weight")]
-        for prefix, namespaces in KOHYA_NAMESPACES.items():
-            for space in namespaces:
-                if module.startswith(space):
-                    by_stem.setdefault(prefix + module[len(space):].replace(".", "_"), module)
-    modules = {}
-    for name, module in adapter.modules.items():
-        resolved = by_stem.get(name, name) if name.startswith(KOHYA_PREFIXES) else name
-        modules[resolved] = dataclasses.replace(module, name=resolved)
-    return dataclasses.replace(adapter, modules=modules)
-
-
 def render_kohya(adapter: Adapter, prefix: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """kohya tensors (``lora_down``/``lora_up``/``alpha`` per module) and ``ss_*`` metadata for `adapter`."""
     if adapter.full:
         raise FormatError(f"kohya format cannot hold full tensors ({', '.join(sorted(adapter.full))}); use --format peft")
     tensors: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
-    sdxl = any(n.startswith(("text_encoder_2.", "lora_te2_")) for n in adapter.modules)
+    sdxl = is_sdxl(adapter.modules)
     for module in adapter.modules.values():
         if module.kind in ("embedding", "conv1d"):
             raise FormatError(f"{module.name}: kohya format has no {module.kind} layout; use --format peft")

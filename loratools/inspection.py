@@ -22,9 +22,10 @@ import torch
 from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_files import adapter_weights_path, load_adapter
 from loratools.errors import LoratoolsError
-from loratools.plan import natural_key
+from loratools.names import natural_key
 from loratools.progress import Progress
-from loratools.spectra import SpectrumStats, module_singular_values, spectrum_stats
+from loratools.spectral import SpectrumStats, module_singular_values, spectrum_stats
+from loratools.writer import PROVENANCE_KEYS
 
 SORTS = ("name", "norm", "rank")
 SUMMARY_KEYS = (
@@ -40,8 +41,7 @@ SUMMARY_KEYS = (
     "ss_learning_rate",
     "modelspec.title",
     "modelspec.architecture",
-    "loratools_version",
-    "loratools_source",
+    *PROVENANCE_KEYS,
 )
 CONFIG_SUMMARY_KEYS = (
     "peft_type",

@@ -10,8 +10,7 @@ Decisions:
   ``.safetensors``) and a single file gives a single file; ``shard_size`` re-splits (and always gives a
   folder). Non-weight files of a base folder (config, tokenizer, generation config …) are copied; other
   weight files and subfolders are not. ``config.json``'s dtype is updated when ``dtype`` changes it.
-- An adapter module is matched to ``<name>.weight``, else to the one base tensor ending in ``.<name>.weight``;
-  kohya stems are resolved against the base names first.
+- Adapter modules are matched to base tensors by `matching.match_adapter` (kohya stems resolved first).
 - A full (``modules_to_save``) tensor with weight w contributes w·(full − W): weight 1 replaces the tensor.
 - A linear LoRA on a 1×1 convolution (out, in, 1, 1) is applied as that convolution's delta.
 """
@@ -27,18 +26,21 @@ from pathlib import Path
 
 import torch
 
-from loratools.adapter import LoraModule
+from loratools.adapter import Adapter
+from loratools.adapter_files import load_usable
+from loratools.algebra import adapter_weights
 from loratools.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, TensorIndex, open_checkpoint
+from loratools.dtypes import DType, accumulation_dtype, dtype_name, resolve_dtype
 from loratools.errors import LoratoolsError, ShapeError
-from loratools.formats import KOHYA_PREFIXES, resolve_kohya_names
-from loratools.operations import load_usable
-from loratools.plan import find_tensor, fit_module
+from loratools.matching import Target, match_adapter
+from loratools.names import short_list
 from loratools.progress import Progress
 from loratools.writer import (
-    OUTPUT_DTYPES,
     TensorSpec,
     atomic_output,
     check_output,
+    parse_size,
+    provenance,
     shard_layout,
     stream_safetensors,
     write_sharded_model,
@@ -46,7 +48,6 @@ from loratools.writer import (
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 CONFIG_DTYPE_KEYS = ("torch_dtype", "dtype")
-DTYPE_CONFIG_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 @dataclass
@@ -54,6 +55,7 @@ class MergeResult:
     """What `merge` wrote."""
 
     out: Path
+    adapters: int
     files: list[str]
     dtype: str
     tensors: int
@@ -62,88 +64,72 @@ class MergeResult:
     replaced: int
     copied: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
+    def to_json(self) -> dict:
         return {**self.__dict__, "out": str(self.out)}
 
 
-@dataclass
+@dataclass(frozen=True)
 class Contribution:
-    """One change to a base tensor: a LoRA delta (`module`) or a full replacement (`full`), times `weight`."""
+    """One adapter's change to a base tensor (a LoRA delta and/or a full replacement), times `weight`."""
 
     weight: float
-    module: LoraModule | None = None
-    full: torch.Tensor | None = None
+    target: Target
 
 
 def plan_merge(
-    index: TensorIndex, adapters: Sequence[os.PathLike | str], weights: Sequence[float]
+    index: TensorIndex, adapters: Sequence[str | os.PathLike | Adapter], *, weights: Sequence[float] | None = None
 ) -> dict[str, list[Contribution]]:
-    """Base tensor name -> contributions, from names and shapes only.
+    """Base tensor name -> contributions of the adapters, from names and shapes only (no weights read).
 
+    Args:
+        adapters: adapter paths (`load_usable`) or Adapters; weights: one per adapter (default 1 each).
     Raises:
-        ShapeError listing adapter modules that match no base tensor, or naming the tensor whose shape differs.
+        ShapeError naming adapter modules that match no base tensor, or whose tensor has another shape.
     """
+    weights = adapter_weights(len(adapters), weights)
     ops: dict[str, list[Contribution]] = {}
-    unmatched: list[str] = []
-    base_names = list(index.tensors)
-    for path, weight in zip(adapters, weights, strict=True):
-        adapter = load_usable(path)
-        if any(name.startswith(KOHYA_PREFIXES) for name in adapter.modules):
-            adapter = resolve_kohya_names(adapter, base_names)
-        for name, module in adapter.modules.items():
-            target = find_tensor(name + ".weight", index)
-            if target is None:
-                unmatched.append(name)
-                continue
-            shape = index.info(target).shape
-            module = fit_module(module, shape)
-            if module is None:
-                raise ShapeError(
-                    f"{target}: base tensor has shape {shape} but {path} holds a {adapter.modules[name].kind} LoRA"
-                    f" {name} for shape {adapter.modules[name].base_shape}; the adapter was made for another model"
-                )
-            ops.setdefault(target, []).append(Contribution(weight, module=module))
-        for name, tensor in adapter.full.items():
-            target = find_tensor(name, index)
-            if target is None:
-                unmatched.append(name)
-                continue
-            shape = index.info(target).shape
-            if tuple(tensor.shape) != shape:
-                raise ShapeError(
-                    f"{target}: base tensor has shape {shape} but {path} replaces it with {tuple(tensor.shape)};"
-                    " the adapter was made for another model (or a resized vocabulary)"
-                )
-            ops.setdefault(target, []).insert(0, Contribution(weight, full=tensor))
-    if unmatched:
-        shown = ", ".join(unmatched[:6]) + (f" … ({len(unmatched)} in all)" if len(unmatched) > 6 else "")
-        raise ShapeError(
-            f"{len(unmatched)} adapter module(s) match no tensor in {index.path}: {shown};"
-            " is the adapter for this base model?"
-        )
+    for source, weight in zip(adapters, weights, strict=True):
+        adapter = source if isinstance(source, Adapter) else load_usable(source)
+        match = match_adapter(adapter, index)
+        if match.misfit:
+            name, why = next(iter(match.misfit.items()))
+            raise ShapeError(f"{source}: {name} is {why}; the adapter was made for another model"
+                             + (f" ({len(match.misfit)} such modules)" if len(match.misfit) > 1 else ""))
+        if match.missing:
+            raise ShapeError(
+                f"{len(match.missing)} adapter module(s) match no tensor in {index.path}:"
+                f" {short_list(list(match.missing), 6)}; is the adapter for this base model?"
+            )
+        for tensor, target in match.targets.items():
+            ops.setdefault(tensor, []).append(Contribution(weight, target))
+    for contributions in ops.values():  # full replacements first: weight 1 then takes the tensor as it is
+        contributions.sort(key=lambda c: c.target.full is None)
     return ops
 
 
 def apply_ops(weight: torch.Tensor, ops: Sequence[Contribution]) -> torch.Tensor:
-    """W + Σ contributions, accumulated in fp32 (fp64 for fp64 weights); returned in fp32/fp64.
+    """W + Σ contributions, accumulated in fp32 (fp64 for fp64 weights); returned in that dtype.
+
+    A full replacement with weight w adds w·(full − W): weight 1 replaces the tensor.
 
     Args:
         weight: the base tensor in its own layout, e.g. (out, in) or (in, out) for Conv1D.
-        ops: full replacements first, then LoRA deltas.
+        ops: contributions, full replacements first (`plan_merge` orders them).
     """
-    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(weight.dtype)
     acc = weight.to(dtype, copy=True)
     touched = False
     for op in ops:
-        if op.full is not None:
-            full, base = op.full.to(dtype), weight.to(dtype)
+        full, module = op.target.full, op.target.module
+        if full is not None:
             if op.weight == 1 and not touched:
-                acc = full.clone()
+                acc = full.to(dtype, copy=True)
             else:
-                acc += op.weight * (full - base)
-        else:
-            delta = op.module.delta(dtype).reshape(acc.shape)
+                acc += op.weight * (full.to(dtype) - weight.to(dtype))
+        if module is not None:
+            delta = module.delta(dtype).reshape(acc.shape)
             acc += delta if op.weight == 1 else op.weight * delta
         touched = True
     return acc
@@ -169,7 +155,7 @@ def _copy_extras(index: TensorIndex, folder: Path, dtype: torch.dtype | None) ->
             config = json.loads(entry.read_text())
             for key in CONFIG_DTYPE_KEYS:
                 if key in config:
-                    config[key] = DTYPE_CONFIG_NAMES[dtype]
+                    config[key] = dtype_name(dtype)
             (folder / entry.name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         else:
             shutil.copy2(entry, folder / entry.name)
@@ -181,9 +167,10 @@ def merge(
     base: str | os.PathLike,
     adapters: Sequence[str | os.PathLike],
     out: str | os.PathLike,
+    *,
     weights: Sequence[float] | None = None,
-    dtype: torch.dtype | str | None = None,
-    shard_size: int | None = None,
+    dtype: DType | None = None,
+    shard_size: int | str | None = None,
     force: bool = False,
     progress: Progress | None = None,
 ) -> MergeResult:
@@ -193,8 +180,9 @@ def merge(
         base: a model folder (sharded or not) or a single checkpoint file.
         adapters: PEFT folders/files and kohya files.
         weights: one per adapter (default 1 each).
-        dtype: output dtype of floating tensors ("fp32", "fp16", "bf16" or a torch dtype); default the base's.
-        shard_size: re-split the output into shards of at most this many bytes (output is then a folder).
+        dtype: output dtype of floating tensors (``fp32``, ``fp16``, ``bf16`` or a torch dtype); default the base's.
+        shard_size: re-split the output into shards of at most this many bytes, or a size such as ``5GB``
+            (the output is then a folder).
         progress: called as (done, total, tensor name) after each tensor.
     Returns:
         MergeResult: files written, tensors changed, adapter modules applied, files copied.
@@ -204,20 +192,16 @@ def merge(
     """
     if not adapters:
         raise LoratoolsError("give at least one adapter to merge")
-    weights = [1.0] * len(adapters) if not weights else [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise LoratoolsError(f"got {len(weights)} weights for {len(adapters)} adapters; give one --weight per adapter")
-    if isinstance(dtype, str):
-        if dtype not in OUTPUT_DTYPES:
-            raise LoratoolsError(f"unknown dtype {dtype!r}; choose {', '.join(OUTPUT_DTYPES)}")
-        dtype = OUTPUT_DTYPES[dtype]
+    out_dtype = resolve_dtype(dtype)
+    max_bytes = parse_size(shard_size) if shard_size is not None else None
+    weights = adapter_weights(len(adapters), weights)
     check_output(out, [base, *adapters], force)
     with open_checkpoint(base) as index:
-        ops = plan_merge(index, adapters, weights)
+        ops = plan_merge(index, adapters, weights=weights)
         specs: dict[str, list[TensorSpec]] = {}
         for info in index.tensors.values():
-            out_dtype = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
-            specs.setdefault(_output_file(info.file.name), []).append(TensorSpec(info.name, info.shape, out_dtype))
+            spec_dtype = out_dtype if out_dtype is not None and info.dtype.is_floating_point else info.dtype
+            specs.setdefault(_output_file(info.file.name), []).append(TensorSpec(info.name, info.shape, spec_dtype))
         done = 0
 
         def produce(spec: TensorSpec) -> torch.Tensor:
@@ -231,33 +215,30 @@ def merge(
             return tensor.to(spec.dtype)
 
         all_specs = [spec for group in specs.values() for spec in group]
-        metadata = {
-            **index.metadata,
-            "loratools_operation": "merge",
-            "loratools_inputs": json.dumps([str(base), *map(str, adapters)]),
-            "loratools_parameters": json.dumps({"weights": weights}),
-        }
-        as_folder = index.path.is_dir() or shard_size is not None
+        metadata = {**index.metadata, **provenance("merge", [base, *adapters], {"weights": weights})}
+        as_folder = index.path.is_dir() or max_bytes is not None
         copied: list[str] = []
         skipped: list[str] = []
         with atomic_output(out, [base, *adapters], force, folder=as_folder) as tmp:
             if as_folder:
-                shards = shard_layout(all_specs, shard_size) if shard_size is not None else specs
+                shards = shard_layout(all_specs, max_bytes) if max_bytes is not None else specs
                 write_sharded_model(tmp, shards, produce, metadata)
                 files = list(shards)
                 if index.path.is_dir():
-                    copied, skipped = _copy_extras(index, tmp, dtype)
+                    copied, skipped = _copy_extras(index, tmp, out_dtype)
             else:
                 stream_safetensors(tmp, all_specs, produce, metadata)
                 files = [Path(out).name]
+    contributions = [op for group in ops.values() for op in group]
     return MergeResult(
         out=Path(out),
+        adapters=len(adapters),
         files=files,
-        dtype=", ".join(sorted({str(s.dtype).removeprefix("torch.") for s in all_specs})),
+        dtype=", ".join(sorted({dtype_name(s.dtype) for s in all_specs})),
         tensors=len(all_specs),
         changed=len(ops),
-        modules=sum(1 for group in ops.values() for op in group if op.module is not None),
-        replaced=sum(1 for group in ops.values() for op in group if op.full is not None),
+        modules=sum(1 for op in contributions if op.target.module is not None),
+        replaced=sum(1 for op in contributions if op.target.full is not None),
         copied=copied,
         skipped=skipped,
     )

@@ -28,19 +28,17 @@ Decision — layer kinds (`layer_kinds`):
 
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
 import importlib.util
 import re
-from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from loratools.adapter import TRANSPOSED_KINDS, LoraModule
+from loratools.adapter import TRANSPOSED_KINDS
 from loratools.checkpoint import TensorIndex
 from loratools.errors import CheckpointError, LoratoolsError, ShapeError
+from loratools.names import matches, natural_key, short_list
 
 EMBEDDING_MODES = ("lora", "full", "skip")
 EMBEDDING_LEAF = re.compile(r"(^|_)(embed|embed_in|embed_tokens|embed_positions|embedding|embeddings|wte|wpe|shared)$")
@@ -56,6 +54,79 @@ TASK_TYPES = (
 )
 
 Kinds = dict[str, tuple[str | None, str]]  # tensor name -> (LoRA kind or None for a whole tensor, why)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which tensors of a base / tuned pair a command works on; shared by extract, spectrum and verify.
+
+    Attributes:
+        include: keep only tensors matching one of these patterns (all when empty).
+        exclude: leave out tensors matching one of these patterns.
+        embeddings: ``lora`` (extract), ``full`` (save whole when changed) or ``skip`` (compare and report only).
+        save_full: tensors matching these patterns are saved whole when changed (PEFT ``modules_to_save``),
+            whatever their kind.
+        skip_mismatched: leave out (and list) tensors whose shapes differ instead of raising ShapeError.
+    Patterns are globs matched against the tensor and its module name (`names.matches`).
+    """
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    embeddings: str = "lora"
+    save_full: tuple[str, ...] = ()
+    skip_mismatched: bool = False
+
+    def __post_init__(self) -> None:
+        if self.embeddings not in EMBEDDING_MODES:
+            raise LoratoolsError(f"--embeddings {self.embeddings!r}: choose one of {', '.join(EMBEDDING_MODES)}")
+        for name in ("include", "exclude", "save_full"):  # accept any iterable of patterns, store a tuple
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A tensor name both checkpoints hold, with different shapes."""
+
+    name: str
+    base_shape: tuple[int, ...]
+    tuned_shape: tuple[int, ...]
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "base": list(self.base_shape), "tuned": list(self.tuned_shape)}
+
+
+@dataclass
+class Pairing:
+    """How the tensor names of a base / tuned pair line up, reported by every BASE TUNED command.
+
+    Attributes:
+        only_in_base, only_in_tuned: tensor names present in one checkpoint only.
+        mismatched: names whose shapes differ (left out with ``skip_mismatched``, else an error).
+    """
+
+    only_in_base: list[str] = field(default_factory=list)
+    only_in_tuned: list[str] = field(default_factory=list)
+    mismatched: list[Mismatch] = field(default_factory=list)
+
+    def notes(self) -> list[str]:
+        """One warning per non-empty list, for the user to read."""
+        notes = []
+        if self.only_in_tuned:
+            notes.append(f"{len(self.only_in_tuned)} tensor(s) only in the tuned checkpoint are not in the adapter:"
+                         f" {short_list(self.only_in_tuned)}")
+        if self.only_in_base:
+            notes.append(f"{len(self.only_in_base)} tensor(s) only in the base checkpoint: {short_list(self.only_in_base)}")
+        if self.mismatched:
+            notes.append(f"{len(self.mismatched)} tensor(s) with different shapes skipped:"
+                         f" {short_list([m.name for m in self.mismatched])}")
+        return notes
+
+    def to_json(self) -> dict:
+        return {
+            "only_in_base": self.only_in_base,
+            "only_in_tuned": self.only_in_tuned,
+            "mismatched": [m.to_json() for m in self.mismatched],
+        }
 
 
 @dataclass(frozen=True)
@@ -105,8 +176,7 @@ class Plan:
     Attributes:
         pairs: LoRA extractions, in natural name order (``layers.2`` before ``layers.10``).
         whole: tensors compared whole (norms, biases, embeddings with ``--embeddings full|skip``, --save-full).
-        only_in_base / only_in_tuned: tensor names present in one checkpoint only.
-        mismatched: (name, base shape, tuned shape) left out with ``skip_mismatched``.
+        pairing: names in one checkpoint only, and shape mismatches (left out with ``skip_mismatched``).
         excluded: tensor names left out by include / exclude patterns.
         kind_source: how layer kinds were decided (transformers model or heuristics, and why).
         architecture: ``config.json`` ``architectures[0]``, when known.
@@ -115,9 +185,7 @@ class Plan:
 
     pairs: list[LayerPair] = field(default_factory=list)
     whole: list[WholeTensor] = field(default_factory=list)
-    only_in_base: list[str] = field(default_factory=list)
-    only_in_tuned: list[str] = field(default_factory=list)
-    mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    pairing: Pairing = field(default_factory=Pairing)
     excluded: list[str] = field(default_factory=list)
     kind_source: str = ""
     architecture: str | None = None
@@ -128,29 +196,12 @@ class Plan:
         return {
             "pairs": [dict(asdict(p), shape=list(p.shape)) for p in self.pairs],
             "whole": [dict(asdict(w), shape=list(w.shape)) for w in self.whole],
-            "only_in_base": self.only_in_base,
-            "only_in_tuned": self.only_in_tuned,
-            "mismatched": [{"name": n, "base": list(b), "tuned": list(t)} for n, b, t in self.mismatched],
+            **self.pairing.to_json(),
             "excluded": self.excluded,
             "kind_source": self.kind_source,
             "architecture": self.architecture,
             "task_type": self.task_type,
         }
-
-
-def matches(name: str, patterns: Iterable[str]) -> str | None:
-    """The first pattern matching the tensor `name` or its module name (glob; plain words as substrings)."""
-    candidates = (name, name.rsplit(".", 1)[0])
-    for pattern in patterns:
-        glob = pattern if any(c in pattern for c in "*?[") else f"*{pattern}*"
-        if any(fnmatch.fnmatchcase(c, glob) for c in candidates):
-            return pattern
-    return None
-
-
-def natural_key(name: str) -> tuple:
-    """Sort key that orders the numbers inside names by value: ``layers.2`` before ``layers.10``."""
-    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", name))
 
 
 def task_type(config: dict | None) -> str | None:
@@ -271,26 +322,12 @@ def _heuristic_kinds(shapes: dict[str, tuple[int, ...]]) -> Kinds:
     return kinds
 
 
-def plan_extract(
-    base: TensorIndex,
-    tuned: TensorIndex,
-    *,
-    include: Iterable[str] = (),
-    exclude: Iterable[str] = (),
-    embeddings: str = "lora",
-    save_full: Iterable[str] = (),
-    skip_mismatched: bool = False,
-) -> Plan:
+def plan_extract(base: TensorIndex, tuned: TensorIndex, *, selection: Selection = Selection()) -> Plan:
     """Pair the tensors of `base` and `tuned` into extraction ops, from headers and config.json only.
 
     Args:
         base, tuned: open checkpoints (`open_checkpoint`).
-        include: keep only tensors matching one of these patterns (all when empty).
-        exclude: leave out tensors matching one of these patterns.
-        embeddings: ``lora`` (extract), ``full`` (save whole when changed) or ``skip`` (compare and report only).
-        save_full: tensors matching these patterns are saved whole when changed (PEFT ``modules_to_save``),
-            whatever their kind.
-        skip_mismatched: leave out (and list) tensors whose shapes differ instead of raising ShapeError.
+        selection: which tensors, and what to do with embeddings and --save-full patterns (see `Selection`).
     Returns:
         A Plan; see its attributes.
     Raises:
@@ -299,13 +336,10 @@ def plan_extract(
 
     Example:
         >>> with open_checkpoint("base") as b, open_checkpoint("tuned") as t:
-        ...     plan = plan_extract(b, t, exclude=["lm_head"])
+        ...     plan = plan_extract(b, t, selection=Selection(exclude=("lm_head",)))
         >>> plan.pairs[0].module, plan.pairs[0].kind, plan.pairs[0].matrix_shape
         ('model.embed_tokens', 'embedding', (64, 256))
     """
-    if embeddings not in EMBEDDING_MODES:
-        raise LoratoolsError(f"--embeddings {embeddings!r}: choose one of {', '.join(EMBEDDING_MODES)}")
-    include, exclude, save_full = list(include), list(exclude), list(save_full)
     config = base.config or tuned.config
     common = sorted((name for name in base.tensors if name in tuned.tensors), key=natural_key)
     if not common:
@@ -314,73 +348,49 @@ def plan_extract(
         )
     kinds, source = layer_kinds({n: i.shape for n, i in base.tensors.items()}, config)
     plan = Plan(
-        only_in_base=[n for n in base.tensors if n not in tuned.tensors],
-        only_in_tuned=[n for n in tuned.tensors if n not in base.tensors],
+        pairing=Pairing(
+            only_in_base=[n for n in base.tensors if n not in tuned.tensors],
+            only_in_tuned=[n for n in tuned.tensors if n not in base.tensors],
+        ),
         kind_source=source,
         architecture=((config or {}).get("architectures") or [None])[0],
         task_type=task_type(config),
     )
     for name in common:
-        if (include and not matches(name, include)) or matches(name, exclude):
+        if (selection.include and not matches(name, selection.include)) or matches(name, selection.exclude):
             plan.excluded.append(name)
             continue
         b, t = base.tensors[name], tuned.tensors[name]
         if b.shape != t.shape:
-            plan.mismatched.append((name, b.shape, t.shape))
+            plan.pairing.mismatched.append(Mismatch(name, b.shape, t.shape))
             continue
         kind, why = kinds[name]
-        pattern = matches(name, save_full)
+        pattern = matches(name, selection.save_full)
         if not (b.dtype.is_floating_point and t.dtype.is_floating_point):
             plan.whole.append(WholeTensor(name, b.shape, pattern is not None, f"{b.dtype} tensor"))
         elif pattern is not None:
             plan.whole.append(WholeTensor(name, b.shape, True, f"matches --save-full {pattern!r}"))
         elif kind is None:
             plan.whole.append(WholeTensor(name, b.shape, False, why))
-        elif kind == "embedding" and embeddings != "lora":
-            plan.whole.append(WholeTensor(name, b.shape, embeddings == "full", f"embedding, --embeddings {embeddings}"))
+        elif kind == "embedding" and selection.embeddings != "lora":
+            mode = selection.embeddings
+            plan.whole.append(WholeTensor(name, b.shape, mode == "full", f"embedding, --embeddings {mode}"))
         else:
             plan.pairs.append(LayerPair(name.rpartition(".")[0], name, b.shape, kind, why))
-    _check(plan, base, tuned, include, skip_mismatched)
+    _check(plan, base, tuned, selection)
     return plan
 
 
-def _check(plan: Plan, base: TensorIndex, tuned: TensorIndex, include: list[str], skip_mismatched: bool) -> None:
-    if plan.mismatched and not skip_mismatched:
-        name, b, t = plan.mismatched[0]
-        more = f" (and {len(plan.mismatched) - 1} more)" if len(plan.mismatched) > 1 else ""
+def _check(plan: Plan, base: TensorIndex, tuned: TensorIndex, selection: Selection) -> None:
+    mismatched = plan.pairing.mismatched
+    if mismatched and not selection.skip_mismatched:
+        first = mismatched[0]
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
         raise ShapeError(
-            f"{name}: shape {b} in {base.path} but {t} in {tuned.path}{more} (a resized vocabulary?);"
-            " pass --skip-mismatched to leave such tensors out, or --exclude them"
+            f"{first.name}: shape {first.base_shape} in {base.path} but {first.tuned_shape} in {tuned.path}{more}"
+            " (a resized vocabulary?); pass --skip-mismatched to leave such tensors out, or --exclude them"
         )
-    if include and not plan.pairs and not plan.whole:
-        raise LoratoolsError(f"--include {' '.join(include)} matched no tensor shared by both checkpoints")
-
-
-# ---- adapters against a base checkpoint ----------------------------------------------------------------------
-
-
-def find_tensor(name: str, index: TensorIndex) -> str | None:
-    """The checkpoint tensor an adapter entry applies to: `name` itself, else the one tensor ending in
-    ``.<name>`` (a checkpoint saved without the wrapper prefix the adapter was made with); None if none or
-    several match."""
-    if name in index:
-        return name
-    candidates = [t for t in index.tensors if t.endswith("." + name)]
-    return candidates[0] if len(candidates) == 1 else None
-
-
-def fit_module(module: LoraModule, shape: tuple[int, ...]) -> LoraModule | None:
-    """`module` as it applies to a base weight of `shape`, or None when its delta cannot fit.
-
-    PEFT has one ``fan_in_fan_out`` flag per adapter and decides per layer from the module's class, so a
-    GPT-2 adapter's ``lm_head`` (Linear) reads as conv1d: a non-square weight whose shape only fits the
-    other layout flips between linear and conv1d. A linear LoRA on a 1×1 convolution (out, in, 1, 1) fits as
-    that convolution's delta (callers reshape).
-    """
-    if module.base_shape == tuple(shape):
-        return module
-    if module.kind == "linear" and tuple(shape[2:]) == (1, 1) and module.base_shape == tuple(shape[:2]):
-        return module
-    if module.kind in ("linear", "conv1d") and module.base_shape[::-1] == tuple(shape):
-        return dataclasses.replace(module, kind="linear" if module.kind == "conv1d" else "conv1d")
-    return None
+    if selection.include and not plan.pairs and not plan.whole:
+        raise LoratoolsError(
+            f"--include {' '.join(selection.include)} matched no tensor shared by both checkpoints"
+        )

@@ -8,33 +8,35 @@ For each adapter module matched to a checkpoint tensor, with ΔW = tuned − bas
   randomized truncation is never better than the true optimum, so this figure is never too optimistic.
 Coverage both ways: changed tensors that no module or full tensor touches (`uncovered`), and adapter modules
 that match no tensor or a tensor of another shape (`unmatched`, with the reason). Base and tuned tensors are
-paired by `plan.plan_extract` (names in one checkpoint only, and shape mismatches, are listed).
+paired by `plan.plan_extract` (names in one checkpoint only, and shape mismatches, are listed, never an error).
 
 Decisions:
-- Modules match ``<module>.weight`` in the base checkpoint, or the one tensor ending in ``.<module>.weight``
-  (a PEFT adapter for the inner model of a checkpoint with another prefix); kohya stems are resolved first.
+- Modules are matched to base tensors by `matching.match_adapter` (kohya stems resolved first).
 - Full tensors (PEFT ``modules_to_save``) replace the base tensor; a LoRA on the same tensor adds to the
   replacement. Their optimal error is 0 (no rank limit) and their rank is None.
-- Overall errors weight layers by ‖ΔW‖²_F: √(Σ residual² / Σ ‖ΔW‖²_F).
+- Overall errors weight layers by ‖ΔW‖²_F: √(Σ residual² / Σ ‖ΔW‖²_F) (`linalg.pooled_rel_error`).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from loratools.adapter import Adapter, LoraModule, lora_matrix
+from loratools.adapter import Adapter, lora_matrix
 from loratools.adapter_files import load_adapter
 from loratools.checkpoint import TensorIndex, open_checkpoint
+from loratools.deltas import TensorChange, non_finite_error, tensor_change
 from loratools.errors import FormatError
-from loratools.extract import non_finite_error
-from loratools.formats import KOHYA_PREFIXES, resolve_kohya_names
-from loratools.linalg import RankPolicy, frobenius_energy, low_rank, residual_energy
-from loratools.plan import find_tensor, fit_module, natural_key, plan_extract
+from loratools.linalg import frobenius_energy, pooled_rel_error, residual_energy
+from loratools.matching import Target, match_adapter
+from loratools.names import natural_key
+from loratools.plan import Pairing, Selection, plan_extract
+from loratools.policies import RankPolicy
 from loratools.progress import Progress
+from loratools.rsvd import SvdSettings, low_rank
 
 
 @dataclass
@@ -82,9 +84,7 @@ class LayerCheck:
 
 
 def _ratio(part: float, whole: float) -> float:
-    if whole <= 0:
-        return 0.0 if part <= 0 else math.inf
-    return math.sqrt(max(0.0, part) / whole)
+    return pooled_rel_error([(max(0.0, part), whole)])
 
 
 def _finite(value: float) -> float | None:
@@ -97,39 +97,39 @@ class VerifyReport:
 
     Attributes:
         layers: matched tensors, in natural name order (``layers.2`` before ``layers.10``).
-        uncovered: (tensor name, shape) of tensors that differ between base and tuned but nothing in the adapter
-            touches.
+        uncovered: tensors that differ between base and tuned but nothing in the adapter touches.
         unmatched: adapter module or full-tensor name -> why it matches no tensor.
         unsupported: recognised adapter modules of a type not verified (LoHa, DoRA, ...), name -> type.
-        only_in_base, only_in_tuned: tensor names present in one checkpoint only; mismatched: same name, other shape.
+        pairing: names in one checkpoint only, and shape mismatches.
         unchanged: number of tensors equal in base and tuned and untouched by the adapter.
     """
 
     layers: list[LayerCheck]
-    uncovered: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
+    uncovered: list[TensorChange] = field(default_factory=list)
     unmatched: dict[str, str] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)
-    only_in_base: list[str] = field(default_factory=list)
-    only_in_tuned: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
+    pairing: Pairing = field(default_factory=Pairing)
     unchanged: int = 0
+
+    @property
+    def notes(self) -> list[str]:
+        """Warnings for the user: none (everything is in the report)."""
+        return []
 
     def summary(self) -> dict:
         """Overall (‖ΔW‖²-weighted) errors, the worst layer, and the coverage lists."""
-        delta = sum(layer.delta_energy for layer in self.layers)
         worst = max(self.layers, key=lambda layer: layer.rel_error, default=None)
         return {
             "layers": len(self.layers),
-            "rel_error": _finite(_ratio(sum(layer.residual_energy for layer in self.layers), delta)),
-            "optimal_rel_error": _finite(_ratio(sum(layer.optimal_energy for layer in self.layers), delta)),
+            "rel_error": _finite(pooled_rel_error((layer.residual_energy, layer.delta_energy) for layer in self.layers)),
+            "optimal_rel_error": _finite(pooled_rel_error((layer.optimal_energy, layer.delta_energy)
+                                                          for layer in self.layers)),
             "worst_layer": worst.name if worst is not None else None,
             "worst_rel_error": _finite(worst.rel_error) if worst is not None else None,
-            "uncovered": [name for name, _ in self.uncovered],
+            "uncovered": [change.name for change in self.uncovered],
             "unmatched": self.unmatched,
             "unsupported": self.unsupported,
-            "only_in_base": self.only_in_base,
-            "only_in_tuned": self.only_in_tuned,
-            "mismatched": self.mismatched,
+            **self.pairing.to_json(),
             "unchanged": self.unchanged,
         }
 
@@ -138,51 +138,38 @@ class VerifyReport:
         return {"layers": [layer.to_json() for layer in self.layers], "summary": self.summary()}
 
 
-def _match(
-    adapter: Adapter, base: TensorIndex, tuned: TensorIndex
-) -> tuple[dict[str, tuple[LoraModule | None, torch.Tensor | None, str]], dict[str, str]]:
-    """tensor -> (module, full tensor, display name) for everything the adapter touches; and the unmatched."""
-    targets: dict[str, tuple[LoraModule | None, torch.Tensor | None, str]] = {}
-    unmatched: dict[str, str] = {}
-    wanted = [(n + ".weight", n, m, None, m.base_shape) for n, m in adapter.modules.items()]
-    wanted += [(n, n, None, t, tuple(t.shape)) for n, t in adapter.full.items()]
-    for tensor_name, name, module, full, shape in wanted:
-        found = find_tensor(tensor_name, base)
-        base_shape = base.info(found).shape if found is not None else None
-        fitted = fit_module(module, base_shape) if module is not None and base_shape is not None else None
-        if found is None:
-            unmatched[name] = f"no tensor {tensor_name} in {base.path}"
-        elif found not in tuned:
-            unmatched[name] = f"{found} is not in {tuned.path}"
-        elif base_shape != tuned.info(found).shape:
-            unmatched[name] = f"{found} has shape {base_shape} in base, {tuned.info(found).shape} in tuned"
-        elif (fitted is None) if module is not None else (base_shape != shape):
-            what = f"a {module.kind} LoRA" if module is not None else "a full tensor"
-            unmatched[name] = f"{what} for shape {shape}, but {found} has shape {base_shape}"
+def _match(adapter: Adapter, base: TensorIndex, tuned: TensorIndex) -> tuple[dict[str, Target], dict[str, str]]:
+    """The adapter's targets whose tensor the tuned checkpoint holds with the same shape; and the unmatched."""
+    match = match_adapter(adapter, base)
+    unmatched = match.unmatched
+    targets = {}
+    for tensor, target in match.targets.items():
+        if tensor not in tuned:
+            unmatched[target.name] = f"{tensor} is not in {tuned.path}"
+        elif base.info(tensor).shape != tuned.info(tensor).shape:
+            unmatched[target.name] = (f"{tensor} has shape {base.info(tensor).shape} in base,"
+                                      f" {tuned.info(tensor).shape} in tuned")
         else:
-            old_module, old_full, old_name = targets.get(found, (None, None, name))
-            targets[found] = (fitted or old_module, full if full is not None else old_full, old_name)
+            targets[tensor] = target
     return targets, unmatched
 
 
-def _check(
-    name: str, tensor: str, module: LoraModule | None, full: torch.Tensor | None, base: torch.Tensor,
-    tuned: torch.Tensor, exact: bool, seed: int,
-) -> LayerCheck:
+def _check(target: Target, base: torch.Tensor, tuned: torch.Tensor, svd: SvdSettings) -> LayerCheck:
+    module, full, name, tensor = target.module, target.full, target.name, target.tensor
     delta = tuned.float() - base.float()
     kind = module.kind if module is not None else "full"
     shape = tuple(delta.shape)
-    remainder = tuned.float() - full.float() if full is not None else delta
+    remainder = tuned.float() - full.to(tuned.device).float() if full is not None else delta
     if module is None:
         return LayerCheck(name, tensor, kind, shape, None, frobenius_energy(delta), frobenius_energy(remainder), 0.0)
-    b, a = module.factors(torch.float32)
+    b, a = (factor.to(delta.device) for factor in module.factors(torch.float32))
     matrix = lora_matrix(delta, kind)
     total = frobenius_energy(matrix)
     residual = residual_energy(lora_matrix(remainder, kind), b * module.scale, a)
     if full is not None or total == 0:
         optimal = 0.0
     else:
-        best = low_rank(matrix, RankPolicy("rank", module.rank), exact=exact, seed=seed, total_energy=total)
+        best = low_rank(matrix, RankPolicy("rank", module.rank), settings=svd.for_layer(name), total_energy=total)
         optimal = best.rel_error**2 * total
     return LayerCheck(name, tensor, kind, shape, module.rank if full is None else None, total, residual, optimal)
 
@@ -192,16 +179,16 @@ def verify_adapter(
     tuned: str | os.PathLike,
     adapter: str | os.PathLike | Adapter,
     *,
-    exact: bool = False,
-    seed: int = 0,
+    selection: Selection = Selection(),
+    svd: SvdSettings = SvdSettings(),
     progress: Progress | None = None,
 ) -> VerifyReport:
     """Compare an adapter with the true deltas tuned − base, one tensor pair in memory at a time.
 
     Args:
         base, tuned: anything `open_checkpoint` reads; adapter: anything `load_adapter` reads, or an Adapter.
-        exact: optimal errors from a full SVD instead of a randomized one (slower on large layers).
-        seed: seed of the randomized SVD.
+        selection: include / exclude patterns limit the tensors verified; mismatched shapes are always listed.
+        svd: how the optimal errors are computed (randomized or exact SVD, seed, device; `SvdSettings`).
         progress: called as ``progress(done, total, tensor_name)`` for every tensor read.
     Returns:
         A VerifyReport (layers in natural name order).
@@ -211,32 +198,28 @@ def verify_adapter(
         >>> report.summary()["rel_error"] < 1e-6
         True
     """
-    if not isinstance(adapter, Adapter):
-        adapter = load_adapter(adapter)
+    loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    device = svd.torch_device()
     with open_checkpoint(base) as base_index, open_checkpoint(tuned) as tuned_index:
-        if any(name.startswith(KOHYA_PREFIXES) for name in adapter.modules):
-            adapter = resolve_kohya_names(adapter, list(base_index.tensors))
-        targets, unmatched = _match(adapter, base_index, tuned_index)
-        plan = plan_extract(base_index, tuned_index, skip_mismatched=True)
-        report = VerifyReport(
-            [], unmatched=unmatched, unsupported=dict(adapter.unsupported), only_in_base=plan.only_in_base,
-            only_in_tuned=plan.only_in_tuned, mismatched=[name for name, _, _ in plan.mismatched],
-        )
-        pairs = sorted([p.tensor for p in plan.pairs] + [w.tensor for w in plan.whole], key=natural_key)
-        for done, tensor in enumerate(pairs, 1):
-            b, t = base_index.get(tensor), tuned_index.get(tensor)
+        targets, unmatched = _match(loaded, base_index, tuned_index)
+        plan = plan_extract(base_index, tuned_index, selection=replace(selection, skip_mismatched=True))
+        report = VerifyReport([], unmatched=unmatched, unsupported=dict(loaded.unsupported), pairing=plan.pairing)
+        tensors = sorted([p.tensor for p in plan.pairs] + [w.tensor for w in plan.whole], key=natural_key)
+        for done, tensor in enumerate(tensors, 1):
             if tensor in targets:
-                module, full, name = targets[tensor]
+                b, t = base_index.get(tensor).to(device), tuned_index.get(tensor).to(device)
                 if not bool(torch.isfinite(b).all() and torch.isfinite(t).all()):
                     raise non_finite_error(tensor, base_index, tuned_index)
-                layer = _check(name, tensor, module, full, b, t, exact, seed)
+                layer = _check(targets[tensor], b, t, svd)
                 if not math.isfinite(layer.residual_energy):
-                    raise FormatError(f"{name}: the adapter's factors hold non-finite values (nan or inf)")
+                    raise FormatError(f"{layer.name}: the adapter's factors hold non-finite values (nan or inf)")
                 report.layers.append(layer)
-            elif torch.equal(b, t):
-                report.unchanged += 1
             else:
-                report.uncovered.append((tensor, tuple(b.shape)))
+                change = tensor_change(base_index, tuned_index, tensor)
+                if change is None:
+                    report.unchanged += 1
+                else:
+                    report.uncovered.append(change)
             if progress is not None:
-                progress(done, len(pairs), tensor)
+                progress(done, len(tensors), tensor)
     return report

@@ -4,7 +4,8 @@ Rules every command follows through `atomic_output`:
 - an existing output is refused unless ``force=True`` (then it is replaced only after the new one is complete);
 - an output equal to, inside, or containing an input is refused, even with force;
 - on any error the temporary file or folder is removed: nothing half-written is left behind.
-Every safetensors file written records ``loratools_version`` in its ``__metadata__``.
+Every safetensors file written records its provenance (`provenance`: command, inputs, parameters) and
+``loratools_version`` in its ``__metadata__``.
 """
 
 from __future__ import annotations
@@ -16,17 +17,18 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from loratools import __version__
 from loratools.checkpoint import SAFETENSORS_DTYPES
 from loratools.errors import LoratoolsError, OutputError
+from loratools.version import __version__
 
 DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+PROVENANCE_KEYS = ("loratools_command", "loratools_inputs", "loratools_parameters", "loratools_version")
 
 
 def check_output(out: str | os.PathLike, inputs: Iterable[str | os.PathLike] = (), force: bool = False) -> Path:
@@ -81,12 +83,27 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def provenance(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """safetensors metadata: the caller's strings plus ``format: pt`` and ``loratools_version``."""
-    metadata = {"format": "pt"}
-    metadata.update(extra or {})
-    metadata["loratools_version"] = __version__
+def provenance(
+    command: str, inputs: Iterable[str | os.PathLike], parameters: Mapping[str, object] | None = None
+) -> dict[str, str]:
+    """The provenance every written file records, under the PROVENANCE_KEYS (`inspect` shows them).
+
+    Args:
+        command: the loratools command that wrote the file (``extract``, ``merge`` …).
+        inputs: the files it read, in order.
+        parameters: the settings that shaped the result (JSON-encoded, keys sorted).
+    Returns:
+        safetensors metadata strings; the writer adds ``loratools_version``.
+    """
+    metadata = {"loratools_command": command, "loratools_inputs": json.dumps([str(p) for p in inputs])}
+    if parameters:
+        metadata["loratools_parameters"] = json.dumps(dict(parameters), sort_keys=True, default=str)
     return metadata
+
+
+def _with_version(metadata: Mapping[str, str] | None) -> dict[str, str]:
+    """``format: pt`` (what safetensors' torch loader expects), the caller's strings and ``loratools_version``."""
+    return dict(sorted({"format": "pt", **(metadata or {}), "loratools_version": __version__}.items()))
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
@@ -100,11 +117,8 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     stream_safetensors(path, specs, lambda spec: tensors[spec.name], metadata)
 
 
-# ---- sharded model writer (issue 5) ----------------------------------------------------------------------
-
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_INDEX = "model.safetensors.index.json"
-OUTPUT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -138,7 +152,7 @@ def stream_safetensors(
         metadata: extra ``__metadata__`` strings (provenance is added).
     """
     ordered = sorted(specs, key=lambda spec: spec.name)
-    header: dict[str, object] = {"__metadata__": dict(sorted(provenance(metadata).items()))}
+    header: dict[str, object] = {"__metadata__": _with_version(metadata)}
     offset = 0
     for spec in ordered:
         header[spec.name] = {
@@ -209,3 +223,9 @@ def parse_size(text: str | int) -> int:
     if match is None or unit not in SIZE_UNITS or float(match.group(1)) * SIZE_UNITS[unit] < 1:
         raise LoratoolsError(f"shard size {text!r} is not a size; write it like 5GB, 2GiB or 500MB")
     return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
+def write_json(path: str | os.PathLike, data: object, *, inputs: Iterable[str | os.PathLike] = (), force: bool = False) -> None:
+    """Write a JSON document (a ``--report``) atomically, refusing inputs and existing files as `atomic_output`."""
+    with atomic_output(path, inputs, force) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratools.adapter import KINDS, Adapter, LoraModule
+from loratools.adapter_commands import combine, resize
 from loratools.adapter_files import load_adapter, save_adapter
 from loratools.algebra import (
     combine_adapters,
@@ -21,8 +22,8 @@ from loratools.algebra import (
     set_alpha,
 )
 from loratools.errors import FormatError, LoratoolsError, OutputError, ShapeError
-from loratools.linalg import RankPolicy, relative_error
-from loratools.operations import combine, resize
+from loratools.linalg import relative_error
+from loratools.policies import RankPolicy
 from tests.conftest import LLAMA_BASE, LLAMA_PEFT, SD_BASE, SD_KOHYA, llama_from, logits, run_cli
 
 SETTINGS = settings(max_examples=30, deadline=None)
@@ -94,11 +95,11 @@ def test_combining_one_adapter_with_weight_one_reproduces_it(modules):
     module = modules[0]
     adapter = Adapter({module.name: module})
     for method in ("concat", "svd"):
-        combined, reports = combine_adapters([adapter], [1.0], method)
+        combined, reports = combine_adapters([adapter], weights=[1.0], method=method)
         out = combined.modules[module.name]
         torch.testing.assert_close(out.delta(F64), module.delta(F64), rtol=1e-9, atol=1e-9)
         assert reports[0].error <= 1e-6
-    combined, _ = combine_adapters([adapter], [1.0], "concat")
+    combined, _ = combine_adapters([adapter], weights=[1.0], method="concat")
     if not module.rslora:
         out = combined.modules[module.name]
         assert torch.equal(out.A, module.A) and torch.equal(out.B, module.B) and out.alpha == module.alpha
@@ -121,7 +122,7 @@ def test_combine_covers_different_module_sets():
     shape = (6, 5)
     a1 = Adapter({n: make_module(n, "linear", shape, 2, 4.0, i) for i, n in enumerate(["x", "y"])})
     a2 = Adapter({n: make_module(n, "linear", shape, 3, 3.0, 10 + i) for i, n in enumerate(["y", "z"])})
-    combined, reports = combine_adapters([a1, a2], [0.5, 2.0])
+    combined, reports = combine_adapters([a1, a2], weights=[0.5, 2.0])
     assert list(combined.modules) == ["x", "y", "z"]
     torch.testing.assert_close(combined.modules["x"].delta(F64), 0.5 * a1.modules["x"].delta(F64))
     torch.testing.assert_close(combined.modules["z"].delta(F64), 2.0 * a2.modules["z"].delta(F64))
@@ -138,10 +139,10 @@ def test_combine_refuses_what_it_cannot_do():
     with pytest.raises(LoratoolsError, match="choose concat or svd"):
         combine_adapters([a, a], method="average")  # factor-wise averaging is not the sum of the deltas
     with pytest.raises(LoratoolsError, match="2 weights for 1 adapters"):
-        combine_adapters([a], [1.0, 2.0])
+        combine_adapters([a], weights=[1.0, 2.0])
     full = Adapter({}, full={"head.weight": torch.ones(2)})
     with pytest.raises(FormatError, match="without the base model"):
-        combine_adapters([full], [0.5])
+        combine_adapters([full], weights=[0.5])
 
 
 # ---- rescale ----------------------------------------------------------------------------------------------
@@ -238,7 +239,7 @@ def test_resize_cli_table_report_and_format(tmp_path):
 
 def test_resize_file_function_progress(tmp_path):
     calls = []
-    resize(LLAMA_PEFT, tmp_path / "r", RankPolicy("rank", 2), progress=lambda *a: calls.append(a))
+    resize(LLAMA_PEFT, tmp_path / "r", policy=RankPolicy("rank", 2), progress=lambda *a: calls.append(a))
     assert len(calls) == 14 and calls[-1][:2] == (14, 14)
 
 
@@ -318,7 +319,7 @@ def test_written_adapters_record_provenance(tmp_path):
     save_adapter(load_adapter(LLAMA_PEFT), tmp_path / "in.safetensors")
     run_cli("rescale", tmp_path / "in.safetensors", "-o", tmp_path / "out.safetensors", "--scale", "2")
     metadata = load_adapter(tmp_path / "out.safetensors").metadata
-    assert metadata["loratools_operation"] == "rescale"
+    assert metadata["loratools_command"] == "rescale"
     assert json.loads(metadata["loratools_parameters"])["scale"] == 2.0
 
 
@@ -326,5 +327,5 @@ def test_resize_refuses_an_existing_report_before_writing_the_adapter(tmp_path):
     report = tmp_path / "report.json"
     report.write_text("keep me")
     with pytest.raises(OutputError, match="already exists"):
-        resize(SD_KOHYA, tmp_path / "r.safetensors", RankPolicy("rank", 2), report=report)
+        resize(SD_KOHYA, tmp_path / "r.safetensors", policy=RankPolicy("rank", 2), report=report)
     assert report.read_text() == "keep me" and not (tmp_path / "r.safetensors").exists()

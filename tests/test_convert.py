@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from loratools.adapter import Adapter, LoraModule
+from loratools.adapter_commands import convert
 from loratools.adapter_files import load_adapter, save_adapter
 from loratools.errors import FormatError
-from loratools.operations import convert
 from tests.conftest import LLAMA_BASE, LLAMA_PEFT, SD_BASE, SD_KOHYA, run_cli
 
 NAMESPACES = ("unet.down_blocks.{i}.proj", "text_encoder.layers.{i}.q_proj", "model.layers.{i}.mlp.up_proj")
@@ -50,10 +50,10 @@ def test_peft_to_kohya_to_peft_preserves_deltas(adapter, rslora):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         save_adapter(adapter, tmp / "peft")
-        convert(tmp / "peft", tmp / "k.safetensors", "kohya")
+        convert(tmp / "peft", tmp / "k.safetensors", format="kohya")
         kohya = load_adapter(tmp / "k.safetensors")
         assert kohya.format == "kohya"
-        convert(tmp / "k.safetensors", tmp / "back", "peft")
+        convert(tmp / "k.safetensors", tmp / "back", format="peft")
         back = load_adapter(tmp / "back")
     assert_same_deltas(kohya, adapter)
     assert_same_deltas(back, adapter)
@@ -96,7 +96,7 @@ def test_layouts_kohya_cannot_hold_are_refused(tmp_path):
     embedding = LoraModule("model.embed_tokens", torch.randn(2, 10), torch.randn(4, 2), 2.0, "embedding")
     save_adapter(Adapter({embedding.name: embedding}), tmp_path / "emb")
     with pytest.raises(FormatError, match="no embedding layout"):
-        convert(tmp_path / "emb", tmp_path / "k.safetensors", "kohya")
+        convert(tmp_path / "emb", tmp_path / "k.safetensors", format="kohya")
     assert not (tmp_path / "k.safetensors").exists()
 
 

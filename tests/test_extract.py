@@ -14,9 +14,12 @@ from safetensors.torch import load_file, save_file
 from loratools.adapter import base_layout, lora_matrix
 from loratools.adapter_files import load_adapter
 from loratools.checkpoint import TensorIndex
+from loratools.deltas import layer_deltas
 from loratools.errors import LoratoolsError
-from loratools.extract import extract, layer_deltas
-from loratools.linalg import MAX_POWER_ITERS, RankPolicy
+from loratools.extract import extract
+from loratools.plan import Selection
+from loratools.policies import RankPolicy
+from loratools.rsvd import MAX_POWER_ITERS, SvdSettings
 from tests.conftest import (
     LLAMA_BASE,
     LLAMA_BASE_BF16,
@@ -67,7 +70,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("exact", [False, True])
 def test_rank_r_delta_is_recovered_for_every_layer_kind(tmp_path, exact):
     base, tuned, deltas = rank_r_pair(tmp_path)
-    result = extract(base, tuned, tmp_path / "out", policy=RankPolicy("rank", 3), exact=exact)
+    result = extract(base, tuned, tmp_path / "out", policy=RankPolicy("rank", 3), svd=SvdSettings(exact=exact))
     kinds = {m.name: m.kind for m in result.adapter.modules.values()}
     assert kinds == {"net.proj": "linear", "net.conv": "conv2d", "net.pointwise": "conv2d", "net.fc": "conv1d",
                      "net.embed_tokens": "embedding"}
@@ -253,7 +256,7 @@ def test_report_says_how_many_power_iterations_each_layer_ran(tmp_path):
     sketched = [x for x in result.layers if min(x.shape[0], math.prod(x.shape[1:])) > 4 + 10]
     assert sketched and all(1 <= x.power_iters <= MAX_POWER_ITERS for x in sketched)
     assert "adaptive power iterations" in result.summary.algorithm
-    fixed = extract(LLAMA_BASE, LLAMA_TUNED, tmp_path / "b", policy=RankPolicy("rank", 4), power_iters=1)
+    fixed = extract(LLAMA_BASE, LLAMA_TUNED, tmp_path / "b", policy=RankPolicy("rank", 4), svd=SvdSettings(power_iters=1))
     assert {x.power_iters for x in fixed.layers if x.name in {y.name for y in sketched}} == {1}
     assert "1 power iterations" in fixed.summary.algorithm
 
@@ -366,7 +369,7 @@ def test_saving_the_bias_of_a_lora_layer_whole_is_refused(tmp_path):
     save_file(base, str(tmp_path / "b.safetensors"))
     save_file(tuned, str(tmp_path / "t.safetensors"))
     with pytest.raises(LoratoolsError, match="lin.bias.*modules_to_save"):
-        extract(tmp_path / "b.safetensors", tmp_path / "t.safetensors", tmp_path / "a", save_full=["*.bias"])
+        extract(tmp_path / "b.safetensors", tmp_path / "t.safetensors", tmp_path / "a", selection=Selection(save_full=("*.bias",)))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
@@ -378,8 +381,8 @@ def test_device_cuda_without_a_gpu_is_one_error_line(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_cuda_matches_cpu(tmp_path):
     cpu = extract(LLAMA_BASE, LLAMA_TUNED, tmp_path / "cpu", policy=RankPolicy("energy", 0.95))
-    gpu = extract(LLAMA_BASE, LLAMA_TUNED, tmp_path / "gpu", policy=RankPolicy("energy", 0.95), device="cuda")
-    exact = extract(LLAMA_BASE, LLAMA_TUNED, tmp_path / "exact", policy=RankPolicy("energy", 0.95), exact=True)
+    gpu = extract(LLAMA_BASE, LLAMA_TUNED, tmp_path / "gpu", policy=RankPolicy("energy", 0.95), svd=SvdSettings(device="cuda"))
+    exact = extract(LLAMA_BASE, LLAMA_TUNED, tmp_path / "exact", policy=RankPolicy("energy", 0.95), svd=SvdSettings(exact=True))
     assert [x.rank for x in cpu.layers] == [x.rank for x in gpu.layers] == [x.rank for x in exact.layers]
     # GPU and CPU kernels round differently, so the randomized iterations differ in the last digits; on the
     # flat noise-only layers (lm_head, embeddings) that shows as ~0.1% in the error. Both must stay near-optimal.

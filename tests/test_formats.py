@@ -14,7 +14,8 @@ from loratools import __version__
 from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_files import load_adapter, save_adapter
 from loratools.errors import FormatError
-from loratools.formats import detect_format, kohya_stem, parse, render_kohya, render_peft, resolve_kohya_names
+from loratools.formats import detect_format, kohya_stem, parse, render_kohya, render_peft
+from loratools.matching import resolve_kohya_names
 from tests.conftest import LLAMA_PEFT, SD_BASE, SD_KOHYA, tiny_random_llama
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -60,7 +61,7 @@ def assert_same_deltas(left: Adapter, right: Adapter) -> None:
 def round_trip(tmp_path_factory, adapter: Adapter, fmt: str, filename: str) -> Adapter:
     """Save `adapter` as `fmt` to a fresh `filename`, load it back, and check every delta survived."""
     out = tmp_path_factory.mktemp("rt") / filename
-    save_adapter(adapter, out, fmt)
+    save_adapter(adapter, out, format=fmt)
     back = load_adapter(out)
     assert_same_deltas(adapter, back)
     return back
@@ -88,7 +89,7 @@ def test_kohya_round_trip(tmp_path_factory, adapter):
 
 def test_kohya_file_layout_and_metadata(tmp_path):
     adapter = load_adapter(SD_KOHYA)
-    out = save_adapter(adapter, tmp_path / "k.safetensors", "kohya")
+    out = save_adapter(adapter, tmp_path / "k.safetensors", format="kohya")
     with safe_open(str(out), "pt") as f:
         keys = set(f.keys())
         metadata = f.metadata()
@@ -111,7 +112,7 @@ def test_fixture_kohya_has_conv_and_text_encoder():
 
 def test_peft_files_carry_version_and_config(tmp_path):
     adapter = load_adapter(LLAMA_PEFT)
-    out = save_adapter(adapter, tmp_path / "a", "peft")
+    out = save_adapter(adapter, tmp_path / "a", format="peft")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
     assert config["target_modules"] == sorted(adapter.modules)
@@ -251,7 +252,7 @@ def test_resolve_kohya_names_against_base():
 
 def test_kohya_written_here_converts_back_to_dotted_names(tmp_path):
     adapter = resolve_kohya_names(load_adapter(SD_KOHYA), list(__import__("safetensors").safe_open(str(SD_BASE), "pt").keys()))
-    out = save_adapter(adapter, tmp_path / "k.safetensors", "kohya")
+    out = save_adapter(adapter, tmp_path / "k.safetensors", format="kohya")
     back = load_adapter(out)
     assert set(back.modules) == set(adapter.modules)
     assert_same_deltas(adapter, back)

@@ -123,7 +123,7 @@ def test_dora_adapter_from_peft_is_reported(tmp_path):
     report = inspect_adapter(folder)
     assert report.unsupported and set(report.unsupported.values()) == {"DoRA magnitude"}
     assert "model.layers.0.self_attn.q_proj" in report.unsupported
-    data = json.loads(run_cli("inspect", folder, "--json").output)
+    data = json.loads(run_cli("inspect", folder, "--json").stdout)
     assert data["summary"]["unsupported"] == report.unsupported
 
 
@@ -137,7 +137,7 @@ def test_cli_table_and_metadata():
 
 
 def test_cli_json_has_documented_fields():
-    data = json.loads(run_cli("inspect", LLAMA_PEFT, "--json", "--sort", "norm", "--top", "5").output)
+    data = json.loads(run_cli("inspect", LLAMA_PEFT, "--json", "--sort", "norm", "--top", "5").stdout)
     assert {"format", "base_model", "metadata", "modules", "summary"} <= set(data)
     assert data["format"] == "peft" and data["base_model"] == "fixtures/llama-base"
     assert len(data["modules"]) == 5 and data["summary"]["modules"] == 14

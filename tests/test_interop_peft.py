@@ -56,7 +56,7 @@ def mixed_adapter() -> Adapter:
 
 def test_written_adapter_with_mixed_ranks_embedding_and_full_tensor_loads_in_peft(tmp_path):
     adapter = mixed_adapter()
-    out = save_adapter(adapter, tmp_path / "mixed", "peft")
+    out = save_adapter(adapter, tmp_path / "mixed", format="peft")
     expected = logits_with_deltas(adapter)
     torch.testing.assert_close(peft_logits(out), expected, rtol=0, atol=1e-5)
     assert (peft_logits(out) - logits(llama_from(LLAMA_BASE))).abs().max() > 1e-2  # the adapter does something
@@ -64,7 +64,7 @@ def test_written_adapter_with_mixed_ranks_embedding_and_full_tensor_loads_in_pef
 
 def test_bare_peft_file_keeps_alpha(tmp_path):
     adapter = mixed_adapter()
-    out = save_adapter(adapter, tmp_path / "mixed.safetensors", "peft")
+    out = save_adapter(adapter, tmp_path / "mixed.safetensors", format="peft")
     back = load_adapter(out)
     assert back.notes == []
     for name, module in adapter.modules.items():

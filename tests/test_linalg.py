@@ -10,15 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratools.errors import LoratoolsError
-from loratools.linalg import (
-    MAX_POWER_ITERS,
-    RankPolicy,
-    frobenius_energy,
-    low_rank,
-    orthonormal_basis,
-    randomized_svd,
-    residual_energy,
-)
+from loratools.linalg import frobenius_energy, residual_energy
+from loratools.policies import RankPolicy
+from loratools.rsvd import MAX_POWER_ITERS, SvdSettings, low_rank, orthonormal_basis, randomized_svd
 
 
 def with_spectrum(rows: int, cols: int, s: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -78,7 +72,7 @@ def test_randomized_error_is_within_one_percent_of_optimal(rows, cols, rank, dec
     # a power law, or a geometric decay (base 0.9 … 1: slow, where power iterations converge slowest), + a floor
     s = ((1 - decay / 30) ** i if geometric else i**-decay) + floor
     M = with_spectrum(rows, cols, s, seed)
-    result = low_rank(M, RankPolicy("rank", rank), seed=seed)
+    result = low_rank(M, RankPolicy("rank", rank), settings=SvdSettings(seed=seed))
     left, right = result.factors()
     error = measured_error(M, left, right)
     assert error <= 1.01 * optimal_error(M, rank) + 1e-6
@@ -103,7 +97,7 @@ def test_adaptive_power_iterations_run_longer_where_convergence_is_slow():
     assert 1 <= runs["fast"].power_iters < runs["slow"].power_iters <= MAX_POWER_ITERS
     for name, M in (("fast", fast), ("slow", slow)):
         assert measured_error(M, *runs[name].factors()) <= 1.01 * optimal_error(M, 16)
-    assert low_rank(slow, RankPolicy("rank", 16), power_iters=0).power_iters == 0  # a fixed count is kept
+    assert low_rank(slow, RankPolicy("rank", 16), settings=SvdSettings(power_iters=0)).power_iters == 0  # a fixed count is kept
 
 
 # ---- rank policies against their definitions on the full spectrum --------------------------------------------
@@ -147,7 +141,7 @@ def test_dynamic_policy_picks_the_rank_of_its_definition(kind, target, exact):
     s = torch.linalg.svdvals(M.double())
     value = value_for_rank(s, kind, target)
     assert definition_rank(s, kind, value) == target
-    result = low_rank(M, RankPolicy(kind, value, max_rank=128), exact=exact)
+    result = low_rank(M, RankPolicy(kind, value, max_rank=128), settings=SvdSettings(exact=exact))
     assert result.rank == target
 
 
@@ -199,16 +193,16 @@ def test_all_zero_matrix_has_rank_zero(policy):
 
 def test_same_seed_same_bits_and_precision_follows_dtype():
     M = with_spectrum(300, 200, SPECTRUM).to(torch.bfloat16)
-    a = low_rank(M, RankPolicy("rank", 8), seed=3)
-    b = low_rank(M, RankPolicy("rank", 8), seed=3)
+    a = low_rank(M, RankPolicy("rank", 8), settings=SvdSettings(seed=3))
+    b = low_rank(M, RankPolicy("rank", 8), settings=SvdSettings(seed=3))
     assert torch.equal(a.factors()[0], b.factors()[0]) and torch.equal(a.factors()[1], b.factors()[1])
     assert a.factors()[0].dtype == torch.float32
-    assert low_rank(M, RankPolicy("rank", 8), dtype=torch.float64).factors()[0].dtype == torch.float64
+    assert low_rank(M, RankPolicy("rank", 8), settings=SvdSettings(precision="fp64")).factors()[0].dtype == torch.float64
 
 
 def test_exact_reports_the_eckart_young_optimum():
     M = with_spectrum(120, 90, SPECTRUM[:90])
-    result = low_rank(M, RankPolicy("rank", 10), exact=True)
+    result = low_rank(M, RankPolicy("rank", 10), settings=SvdSettings(exact=True))
     assert result.optimal_rel_error == pytest.approx(optimal_error(M, 10), rel=1e-4)
     assert result.rel_error == pytest.approx(result.optimal_rel_error, rel=1e-3)
     assert low_rank(M, RankPolicy("rank", 10)).optimal_rel_error is None

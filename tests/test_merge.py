@@ -14,8 +14,8 @@ from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_files import load_adapter, save_adapter
 from loratools.checkpoint import open_checkpoint
 from loratools.errors import LoratoolsError, ShapeError
-from loratools.linalg import RankPolicy
 from loratools.merge import merge
+from loratools.policies import RankPolicy
 from loratools.writer import TensorSpec, parse_size, shard_layout, stream_safetensors
 from tests.conftest import (
     LLAMA_BASE,

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from loratools import plan as plan_module
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import LoratoolsError, ShapeError
+from loratools.plan import Mismatch, Selection
 from tests.conftest import LLAMA_BASE, LLAMA_TUNED, SD_BASE, SD_TUNED
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -22,7 +23,7 @@ def plan_for(base, tuned, **options):
     from loratools.plan import plan_extract
 
     with open_checkpoint(base) as b, open_checkpoint(tuned) as t:
-        return plan_extract(b, t, **options)
+        return plan_extract(b, t, selection=Selection(**options))
 
 
 def make_gpt2_pair(folder: Path, *, delta_rank: int = 3, seed: int = 0) -> tuple[Path, Path]:
@@ -75,7 +76,7 @@ def test_llama_pairs_every_projection_and_lists_norms_as_whole_tensors():
     assert not any(w.save for w in whole.values())
     assert plan.kind_source == "name/shape heuristics (llama modeling code has no Conv1D layers)"
     assert plan.task_type == "CAUSAL_LM"
-    assert plan.only_in_base == plan.only_in_tuned == plan.mismatched == []
+    assert plan.pairing.only_in_base == plan.pairing.only_in_tuned == plan.pairing.mismatched == []
 
 
 def test_pair_shapes_and_lora_matrix_shapes():
@@ -149,7 +150,7 @@ def test_shape_mismatch_is_an_error_unless_skipped(tmp_path):
     assert "embed.weight" in message and "(10, 4)" in message and "(12, 4)" in message
     assert "--skip-mismatched" in message and str(t) in message
     plan = plan_for(b, t, skip_mismatched=True)
-    assert plan.mismatched == [("embed.weight", (10, 4), (12, 4))]
+    assert plan.pairing.mismatched == [Mismatch("embed.weight", (10, 4), (12, 4))]
     assert [p.module for p in plan.pairs] == ["proj"]
 
 
@@ -157,7 +158,7 @@ def test_names_in_one_checkpoint_only_are_listed(tmp_path):
     base = {"a.weight": torch.zeros(4, 4), "old.weight": torch.zeros(4, 4)}
     tuned = {"a.weight": torch.ones(4, 4), "new.weight": torch.zeros(4, 4)}
     plan = plan_for(*write_pair(tmp_path, base, tuned))
-    assert plan.only_in_base == ["old.weight"] and plan.only_in_tuned == ["new.weight"]
+    assert plan.pairing.only_in_base == ["old.weight"] and plan.pairing.only_in_tuned == ["new.weight"]
     assert [p.module for p in plan.pairs] == ["a"]
 
 

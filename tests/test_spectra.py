@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratools.adapter import LoraModule
-from loratools.spectra import (
+from loratools.cli.render import sparkline
+from loratools.spectral import (
     effective_rank,
     module_singular_values,
-    sparkline,
     spectrum_stats,
     stable_rank,
     top_energy_fraction,

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loratools.errors import LoratoolsError
-from loratools.sweep import rank_spectrum
+from loratools.rsvd import SvdSettings
+from loratools.spectrum import rank_spectrum
 from tests.conftest import LLAMA_BASE, LLAMA_TUNED, SD_BASE, SD_TUNED, run_cli
 
 
@@ -28,7 +29,7 @@ def dense_truncation_errors(base_path, tuned_path, tensor: str, transpose: bool 
 @pytest.mark.parametrize("exact", [True, False], ids=["exact", "randomized"])
 def test_llama_sweep_errors_match_full_svd_truncations(exact):
     ranks = [1, 2, 4, 8]
-    report = rank_spectrum(LLAMA_BASE, LLAMA_TUNED, ranks=ranks, max_rank=8, exact=exact)
+    report = rank_spectrum(LLAMA_BASE, LLAMA_TUNED, ranks=ranks, num_singular_values=8, svd=SvdSettings(exact=exact))
     assert {layer.tensor for layer in report.layers} >= {"model.layers.0.self_attn.q_proj.weight", "lm_head.weight"}
     assert len(report.layers) == 16  # 14 projections + embed_tokens + lm_head
     for layer in report.layers:
@@ -39,12 +40,12 @@ def test_llama_sweep_errors_match_full_svd_truncations(exact):
             assert layer.rel_error(r) == pytest.approx(float(expected[r]), rel=tol, abs=1e-6)
         tail = 1 - float((layer.singular_values.double() ** 2).sum()) / layer.total_energy
         assert layer.tail_energy == pytest.approx(max(0.0, tail), abs=1e-6)
-    changed_whole = {name for name, _ in report.changed_whole}
+    changed_whole = {change.name for change in report.changed_whole}
     assert "model.norm.weight" in changed_whole and "model.layers.0.input_layernorm.weight" in changed_whole
 
 
 def test_sd_conv_layers_exact_rank_and_sizes():
-    report = rank_spectrum(SD_BASE, SD_TUNED, ranks=[2, 4, 64], exact=True)
+    report = rank_spectrum(SD_BASE, SD_TUNED, ranks=[2, 4, 64], svd=SvdSettings(exact=True))
     by_name = {layer.name: layer for layer in report.layers}
     conv = by_name["unet.down_blocks.0.resnets.0.conv1"]
     assert conv.kind == "conv2d" and conv.shape == (16, 72)
@@ -87,7 +88,7 @@ def expected_error(values: list[float], r: int) -> float:
 
 def test_recommendations_per_layer_and_global(tmp_path):
     base, tuned = write_pair(tmp_path, SPECTRA)
-    report = rank_spectrum(base, tuned, ranks=[1, 2, 4, 8], target_error=0.3, exact=True)
+    report = rank_spectrum(base, tuned, ranks=[1, 2, 4, 8], max_error=0.3, svd=SvdSettings(exact=True))
     rec = report.recommendation()
     # per layer: smallest r with error ≤ 0.3
     for name, values in SPECTRA.items():
@@ -107,17 +108,17 @@ def test_recommendations_per_layer_and_global(tmp_path):
     for row in report.sweep():
         assert row["rel_error"] == pytest.approx(overall(row["rank"]), rel=1e-5, abs=1e-6)
 
-    by_energy = rank_spectrum(base, tuned, ranks=[4], energy=0.99, exact=True).recommendation()
+    by_energy = rank_spectrum(base, tuned, ranks=[4], energy=0.99, svd=SvdSettings(exact=True)).recommendation()
     assert by_energy["per_layer"]["a.proj"] == next(r for r in range(7) if expected_error(SPECTRA["a.proj"], r) ** 2 <= 0.01)
 
 
 def test_target_beyond_max_rank_is_none_not_a_wrong_rank(tmp_path):
     base, tuned = write_pair(tmp_path, SPECTRA)
-    rec = rank_spectrum(base, tuned, ranks=[2], max_rank=3, target_error=0.01).recommendation()
+    rec = rank_spectrum(base, tuned, ranks=[2], num_singular_values=3, max_error=0.01).recommendation()
     assert rec["per_layer"]["b.proj"] is None and rec["max_layer_rank"] is None
     assert rec["global_rank"] is None
     with pytest.raises(LoratoolsError, match="one of"):
-        rank_spectrum(base, tuned, target_error=0.1, energy=0.9)
+        rank_spectrum(base, tuned, max_error=0.1, energy=0.9)
     with pytest.raises(LoratoolsError, match="--ranks"):
         rank_spectrum(base, tuned, ranks=[0, 4])
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loratools.adapter_files import load_adapter, save_adapter
+from loratools.rsvd import SvdSettings
 from loratools.verify import verify_adapter
 from tests.conftest import LLAMA_BASE, LLAMA_PEFT, LLAMA_TUNED, SD_BASE, SD_KOHYA, SD_TUNED, run_cli, tiny_random_llama
 
@@ -29,7 +30,7 @@ def dense_reference(base: dict, tuned: dict, adapter) -> dict[str, tuple[float, 
 
 @pytest.mark.parametrize("exact", [False, True], ids=["randomized", "exact"])
 def test_llama_peft_errors_equal_dense_computation(exact):
-    report = verify_adapter(LLAMA_BASE, LLAMA_TUNED, LLAMA_PEFT, exact=exact)
+    report = verify_adapter(LLAMA_BASE, LLAMA_TUNED, LLAMA_PEFT, svd=SvdSettings(exact=exact))
     adapter = load_adapter(LLAMA_PEFT)
     expected = dense_reference(load_file(str(LLAMA_BASE / "model.safetensors")),
                                load_file(str(LLAMA_TUNED / "model.safetensors")), adapter)
@@ -41,7 +42,7 @@ def test_llama_peft_errors_equal_dense_computation(exact):
         assert layer.optimal_rel_error == pytest.approx(optimal, rel=1e-4 if exact else 1e-3)
         assert 0.005 < optimal <= layer.rel_error  # the fixture adds full-rank noise beyond the rank-4 delta
     # coverage: norms, embeddings and lm_head changed but the adapter does not touch them
-    untouched = {name for name, _ in report.uncovered}
+    untouched = {change.name for change in report.uncovered}
     assert "model.embed_tokens.weight" in untouched and "lm_head.weight" in untouched
     assert "model.layers.0.input_layernorm.weight" in untouched and "model.norm.weight" in untouched
     assert not any(name.endswith("q_proj.weight") for name in untouched)
@@ -73,13 +74,13 @@ def test_adapter_modules_without_a_matching_tensor(tmp_path):
     assert set(report.unmatched) == {"model.layers.9.self_attn.q_proj", "model.layers.1.self_attn.k_proj"}
     assert "no tensor" in report.unmatched["model.layers.9.self_attn.q_proj"]
     assert "(64, 64)" in report.unmatched["model.layers.1.self_attn.k_proj"]
-    untouched = {name for name, _ in report.uncovered}
+    untouched = {change.name for change in report.uncovered}
     assert {"model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"} <= untouched
     assert len(report.layers) == 12
 
 
 def test_cli_json_has_documented_fields():
-    data = json.loads(run_cli("verify", LLAMA_BASE, LLAMA_TUNED, LLAMA_PEFT, "--json").output)
+    data = json.loads(run_cli("verify", LLAMA_BASE, LLAMA_TUNED, LLAMA_PEFT, "--json").stdout)
     assert {"layers", "summary"} <= set(data)
     assert len(data["layers"]) == 14
     for layer in data["layers"]:
@@ -108,7 +109,7 @@ def test_exact_pair_made_by_peft_merge_and_unload(tmp_path):
     wrapped = peft.get_peft_model(model, lora)
     wrapped.save_pretrained(str(tmp_path / "adapter"), save_embedding_layers=True)
     wrapped.merge_and_unload().save_pretrained(str(tmp_path / "tuned"))
-    report = verify_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter", exact=True)
+    report = verify_adapter(tmp_path / "base", tmp_path / "tuned", tmp_path / "adapter", svd=SvdSettings(exact=True))
     kinds = {layer.name: layer.kind for layer in report.layers}
     assert kinds["model.embed_tokens"] == "embedding" and len(kinds) == 7
     for layer in report.layers:
@@ -123,8 +124,8 @@ def test_tensors_in_one_checkpoint_only_are_listed(tmp_path):
     path = tmp_path / "tuned.safetensors"
     save_file(tuned, str(path))
     report = verify_adapter(SD_BASE, path, SD_KOHYA)
-    assert report.only_in_base == ["unet.down_blocks.0.resnets.0.conv1.bias"]
-    assert report.only_in_tuned == ["unet.added.weight"]
+    assert report.pairing.only_in_base == ["unet.down_blocks.0.resnets.0.conv1.bias"]
+    assert report.pairing.only_in_tuned == ["unet.added.weight"]
     assert len(report.layers) == 4 and report.summary()["rel_error"] < 1e-6
     out = run_cli("verify", SD_BASE, path, SD_KOHYA).output
     assert "tensors only in base (1)" in out and "unet.added.weight" in out

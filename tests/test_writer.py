@@ -62,7 +62,7 @@ def test_failure_with_force_keeps_the_old_output(tmp_path):
 
 
 def test_creates_missing_parent_folders(tmp_path):
-    out = save_adapter(tiny_adapter(), tmp_path / "deep" / "er" / "a.safetensors", "kohya")
+    out = save_adapter(tiny_adapter(), tmp_path / "deep" / "er" / "a.safetensors", format="kohya")
     assert out.is_file()
 
 

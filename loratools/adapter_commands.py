@@ -8,28 +8,27 @@ Decisions:
   files are written as PEFT. `convert` is the way to change it.
 - Adapters holding modules this tool cannot use (LoHa, LoKr, DoRA …) are refused rather than silently
   written without them.
-- Every written file records ``loratools_operation`` and ``loratools_inputs`` in its safetensors metadata.
+- Every written file records its provenance (`writer.provenance`: command, inputs, parameters).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from loratools.adapter import Adapter
-from loratools.adapter_files import load_adapter, save_adapter
-from loratools.algebra import LayerReport, combine_adapters, rescale_adapter, resize_adapter
+from loratools.adapter_files import check_format, load_usable, save_adapter
+from loratools.algebra import ModuleChange, combine_adapters, rescale_adapter, resize_adapter
 from loratools.checkpoint import open_checkpoint
+from loratools.dtypes import DType, resolve_dtype
 from loratools.errors import FormatError
-from loratools.formats import KOHYA_PREFIXES, resolve_kohya_names
-from loratools.linalg import RankPolicy
+from loratools.formats import KOHYA_PREFIXES
+from loratools.matching import resolve_kohya_names
+from loratools.policies import RankPolicy
 from loratools.progress import Progress
-from loratools.writer import atomic_output, check_output
+from loratools.writer import check_output, provenance, write_json
 
 PathLike = str | os.PathLike
 
@@ -43,14 +42,14 @@ class AdapterResult:
     modules: int
     parameters: int
     ranks: list[int]
-    layers: list[LayerReport] = field(default_factory=list)
+    layers: list[ModuleChange] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
     def max_error(self) -> float:
         return max((layer.error for layer in self.layers), default=0.0)
 
-    def to_dict(self) -> dict:
+    def to_json(self) -> dict:
         return {
             "out": str(self.out),
             "format": self.format,
@@ -58,62 +57,45 @@ class AdapterResult:
             "parameters": self.parameters,
             "ranks": sorted(set(self.ranks)),
             "max_error": self.max_error,
-            "layers": [layer.to_dict() for layer in self.layers],
+            "layers": [layer.to_json() for layer in self.layers],
             "notes": self.notes,
         }
-
-
-def load_usable(path: PathLike) -> Adapter:
-    """`load_adapter`, refusing adapters with modules of an unsupported type (they would be dropped)."""
-    adapter = load_adapter(path)
-    if adapter.unsupported:
-        kinds = sorted(set(adapter.unsupported.values()))
-        names = ", ".join(sorted(adapter.unsupported)[:4]) + (" ..." if len(adapter.unsupported) > 4 else "")
-        raise FormatError(
-            f"{path}: {len(adapter.unsupported)} module(s) of a type loratools cannot use ({', '.join(kinds)}):"
-            f" {names}; they would be lost, so nothing was written"
-        )
-    return adapter
-
-
-def _provenance(operation: str, inputs: Sequence[PathLike], **params: object) -> dict[str, str]:
-    metadata = {"loratools_operation": operation, "loratools_inputs": json.dumps([str(p) for p in inputs])}
-    if params:
-        metadata["loratools_parameters"] = json.dumps(params, sort_keys=True, default=str)
-    return metadata
 
 
 def _write(
     adapter: Adapter,
     out: PathLike,
+    *,
     format: str,
     inputs: Sequence[PathLike],
     force: bool,
-    dtype: torch.dtype | None,
+    dtype: DType | None,
     metadata: dict[str, str],
-    layers: list[LayerReport] = (),
+    layers: Sequence[ModuleChange] = (),
     prefix: str | None = None,
 ) -> AdapterResult:
     path = save_adapter(
-        adapter, out, format, inputs=inputs, force=force, dtype=dtype, kohya_prefix=prefix, metadata=metadata
+        adapter, out, format=format, inputs=inputs, force=force, dtype=dtype, kohya_prefix=prefix, metadata=metadata
     )
-    written = adapter.to(dtype) if dtype is not None else adapter
+    cast = resolve_dtype(dtype)
+    written = adapter.to(cast) if cast is not None else adapter
     return AdapterResult(path, format, len(adapter.modules), written.num_parameters(), adapter.ranks, list(layers),
                          list(adapter.notes))
 
 
 def _output_format(adapter: Adapter, format: str | None) -> str:
-    return format or ("kohya" if adapter.format == "kohya" else "peft")
+    return check_format(format) if format else ("kohya" if adapter.format == "kohya" else "peft")
 
 
 def combine(
     adapters: Sequence[PathLike],
     out: PathLike,
+    *,
     weights: Sequence[float] | None = None,
     method: str = "concat",
     policy: RankPolicy | None = None,
     format: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: DType | None = None,
     force: bool = False,
     progress: Progress | None = None,
 ) -> AdapterResult:
@@ -124,36 +106,43 @@ def combine(
         weights: one per adapter (default 1 each).
         method: "concat" (exact, ranks add) or "svd" (recompressed; `policy`, default each layer's largest rank).
         format: "peft" or "kohya" (default: the first adapter's).
+        dtype: the factors' dtype (default: the inputs' promoted dtype).
     Example:
         >>> combine(["style", "subject"], "both", weights=[0.7, 1.0], method="svd", policy=RankPolicy("rank", 16))
     """
     loaded = [load_usable(path) for path in adapters]
-    combined, layers = combine_adapters(loaded, weights, method, policy, dtype, progress)
-    metadata = _provenance("combine", adapters, method=method, weights=list(weights or []),
-                           policy=policy.__dict__ if policy else None)
-    return _write(combined, out, _output_format(loaded[0], format), adapters, force, None, metadata, layers)
+    combined, layers = combine_adapters(loaded, weights=weights, method=method, policy=policy,
+                                        dtype=resolve_dtype(dtype), progress=progress)
+    metadata = provenance("combine", adapters, {"method": method, "weights": list(weights or []),
+                                                "policy": policy.describe() if policy else None})
+    return _write(combined, out, format=_output_format(loaded[0], format), inputs=adapters, force=force, dtype=None,
+                  metadata=metadata, layers=layers)
 
 
 def rescale(
     adapter: PathLike,
     out: PathLike,
+    *,
     scale: float | None = None,
     alpha: float | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: DType | None = None,
     force: bool = False,
 ) -> AdapterResult:
-    """Write the adapter with every delta times `scale`, or with alpha set to `alpha` and deltas unchanged."""
+    """Write the adapter with every delta times `scale`, or with alpha set to `alpha` and deltas unchanged
+    (give exactly one)."""
     loaded = load_usable(adapter)
     rescaled = rescale_adapter(loaded, scale=scale, alpha=alpha)
-    metadata = _provenance("rescale", [adapter], scale=scale, alpha=alpha)
-    return _write(rescaled, out, _output_format(loaded, None), [adapter], force, dtype, metadata)
+    metadata = provenance("rescale", [adapter], {"scale": scale, "alpha": alpha})
+    return _write(rescaled, out, format=_output_format(loaded, None), inputs=[adapter], force=force, dtype=dtype,
+                  metadata=metadata)
 
 
 def resize(
     adapter: PathLike,
     out: PathLike,
+    *,
     policy: RankPolicy,
-    dtype: torch.dtype | None = None,
+    dtype: DType | None = None,
     force: bool = False,
     report: PathLike | None = None,
     progress: Progress | None = None,
@@ -161,27 +150,29 @@ def resize(
     """Write the adapter with each module optimally truncated to the rank `policy` chooses, scale preserved.
 
     Args:
-        report: also write the result (per-layer ranks and errors) as JSON to this path.
+        report: also write the result (per-layer ranks and errors) as JSON to this path; checked before the
+            adapter is written.
     """
-    if report is not None:  # refuse a bad report path before the adapter is written, not after
+    if report is not None:
         check_output(report, [adapter, out], force)
     loaded = load_usable(adapter)
-    resized, layers = resize_adapter(loaded, policy, progress)
-    metadata = _provenance("resize", [adapter], policy=policy.__dict__)
-    result = _write(resized, out, _output_format(loaded, None), [adapter], force, dtype, metadata, layers)
+    resized, layers = resize_adapter(loaded, policy=policy, progress=progress)
+    metadata = provenance("resize", [adapter], {"policy": policy.describe()})
+    result = _write(resized, out, format=_output_format(loaded, None), inputs=[adapter], force=force, dtype=dtype,
+                    metadata=metadata, layers=layers)
     if report is not None:
-        with atomic_output(report, [adapter, out], force) as tmp:
-            tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        write_json(report, result.to_json(), inputs=[adapter, out], force=force)
     return result
 
 
 def convert(
     adapter: PathLike,
     out: PathLike,
+    *,
     format: str,
     prefix: str | None = None,
     base: PathLike | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: DType | None = None,
     force: bool = False,
 ) -> AdapterResult:
     """Write the adapter in another format with identical deltas.
@@ -191,10 +182,11 @@ def convert(
         prefix: kohya key prefix (default: chosen from each module's namespace).
         base: the model the adapter is for; resolves kohya stems to the dotted module names PEFT needs.
     """
+    check_format(format)
     loaded = load_usable(adapter)
     if base is not None:
         with open_checkpoint(base) as index:
-            loaded = resolve_kohya_names(loaded, list(index.tensors))
+            loaded = resolve_kohya_names(loaded, index.tensors)
     stems = sorted(n for n in loaded.modules if n.startswith(KOHYA_PREFIXES))
     if format == "peft" and stems:
         where = f"match no tensor of {base}" if base is not None else "need the model to be resolved"
@@ -202,5 +194,6 @@ def convert(
             f"{adapter}: {len(stems)} kohya module name(s) {where} ({', '.join(stems[:3])}"
             f"{' ...' if len(stems) > 3 else ''}); pass --base with the model the adapter was made for"
         )
-    metadata = _provenance("convert", [adapter], format=format, prefix=prefix)
-    return _write(loaded, out, format, [adapter], force, dtype, metadata, prefix=prefix)
+    metadata = provenance("convert", [adapter], {"format": format, "prefix": prefix})
+    return _write(loaded, out, format=format, inputs=[adapter], force=force, dtype=dtype, metadata=metadata,
+                  prefix=prefix)

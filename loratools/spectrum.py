@@ -1,19 +1,21 @@
 """`spectrum BASE TUNED`: what rank a LoRA of this fine-tune needs, from the spectra of the true deltas.
 
 For every layer pair (`plan.plan_extract`), ΔW = tuned − base is read, one pair at a time, as its 2-D LoRA
-matrix; its energy ‖ΔW‖²_F is summed exactly (float64) and its top k singular values come from a seeded
-randomized SVD (`linalg.randomized_svd`), or all of them with ``exact``. The energy beyond the top k (the tail)
+matrix (`deltas.layer_deltas`); its energy ‖ΔW‖²_F is summed exactly (float64) and its top k singular values
+come from a seeded randomized SVD (`rsvd.randomized_svd`), or all of them with an exact SVD. The energy beyond the top k (the tail)
 is ‖ΔW‖²_F − Σ_{i<k} σ_i², measured as ‖ΔW − U_k Σ_k V_kᵀ‖²_F (the same number without the cancellation that
 subtracting two nearly equal energies suffers), so the error of every truncation up to k is known without the
 rest of the spectrum: ‖ΔW − ΔW_r‖²_F = Σ_{r≤i<k} σ_i² + tail.
 
 Decisions:
-- k = min(max(max_rank, largest swept rank), out, in): every swept rank is covered by the computed values.
+- k = min(max(num_singular_values, largest swept rank), out, in): every swept rank is covered by the computed
+  values.
 - The overall error weights layers by ‖ΔW‖²_F: √(Σ_l ‖ΔW_l − ΔW_l,r‖²_F / Σ_l ‖ΔW_l‖²_F), the error of the
-  whole set of deltas as one vector.
+  whole set of deltas as one vector (`linalg.pooled_rel_error`).
+- Mismatched shapes are listed, never an error: the command reports and writes nothing.
 - Adapter size at rank r counts min(r, out, in)·(out + in) parameters per layer, in the tuned checkpoint's
   dtype (what ``extract`` writes by default).
-- ``target_error`` E: a layer's rank is the smallest r with error ≤ E; ``energy`` F: the smallest r keeping
+- ``max_error`` E: a layer's rank is the smallest r with error ≤ E; ``energy`` F: the smallest r keeping
   Σ_{i<r} σ_i² ≥ F·‖ΔW‖²_F (error ≤ √(1 − F)). None when k values are not enough. The global rank is the
   smallest r ≤ k whose overall error meets the same bound; ``max_layer_rank`` is the rank at which every
   layer meets it on its own.
@@ -24,16 +26,18 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from loratools.checkpoint import open_checkpoint
+from loratools.deltas import LayerDelta, TensorChange, layer_deltas, tensor_change
+from loratools.dtypes import dtype_name
 from loratools.errors import LoratoolsError
-from loratools.extract import LayerDelta, layer_deltas
-from loratools.linalg import randomized_svd, residual_energy
-from loratools.plan import plan_extract
+from loratools.linalg import pooled_rel_error, residual_energy
+from loratools.plan import Pairing, Selection, plan_extract
 from loratools.progress import Progress
+from loratools.rsvd import SvdSettings, randomized_svd
 
 DEFAULT_RANKS = (4, 8, 16, 32, 64)
 TOLERANCE = 1e-12  # relative slack on error bounds, as `linalg.choose_rank`
@@ -96,40 +100,43 @@ class SpectrumReport:
     Attributes:
         layers: changed layer pairs in natural name order.
         ranks: the swept ranks.
-        bound: the recommendation's error bound (``target_error``, or √(1 − energy)), None when not asked.
-        criterion: "target_error" or "energy" with its value, for display.
+        num_singular_values: k, the singular values computed per layer (fewer on smaller layers).
+        exact: whether every layer's spectrum is complete (exact SVD).
         itemsize: bytes per parameter of the tuned checkpoint's dtype.
-        unchanged: tensor names equal in base and tuned (layers and whole tensors).
-        changed_whole: (name, shape) of changed tensors that cannot be a LoRA (norms, biases, ...).
+        bound: the recommendation's error bound (``max_error``, or √(1 − energy)), None when not asked.
+        criterion: "max_error" or "energy" with its value, for display.
+        unchanged: number of tensors equal in base and tuned (layers and whole tensors).
+        changed_whole: changed tensors that cannot be a LoRA (norms, biases, ...).
+        pairing: names in one checkpoint only, and shape mismatches (listed, not compared).
     """
 
     layers: list[LayerSpectrum]
     ranks: list[int]
-    max_rank: int
+    num_singular_values: int
     exact: bool
     itemsize: int
     dtype: str
     bound: float | None = None
     criterion: tuple[str, float] | None = None
     unchanged: int = 0
-    changed_whole: list[tuple[str, tuple[int, ...]]] = field(default_factory=list)
-    only_in_base: list[str] = field(default_factory=list)
-    only_in_tuned: list[str] = field(default_factory=list)
-    mismatched: list[str] = field(default_factory=list)
+    changed_whole: list[TensorChange] = field(default_factory=list)
+    pairing: Pairing = field(default_factory=Pairing)
+
+    @property
+    def notes(self) -> list[str]:
+        """Warnings for the user: none (everything is in the report)."""
+        return []
 
     def _params(self, ranks: Sequence[int]) -> int:
         return sum(min(r, *layer.shape) * sum(layer.shape) for r, layer in zip(ranks, self.layers, strict=True))
 
     def overall_error(self, rank: int) -> float | None:
         """The ‖ΔW‖²-weighted error of truncating every layer at `rank` (None when a layer's values stop short)."""
-        total = sum(layer.total_energy for layer in self.layers)
         errors = [layer.rel_error(rank) for layer in self.layers]
         if any(e is None for e in errors):
             return None
-        if total == 0:
-            return 0.0
-        residual = sum(e * e * layer.total_energy for e, layer in zip(errors, self.layers, strict=True))
-        return math.sqrt(residual / total)
+        return pooled_rel_error((e * e * layer.total_energy, layer.total_energy)
+                                for e, layer in zip(errors, self.layers, strict=True) if e is not None)
 
     def sweep(self) -> list[dict]:
         """One row per swept rank: ``{"rank", "rel_error", "params", "bytes"}``."""
@@ -153,7 +160,7 @@ class SpectrumReport:
         known = None not in per_layer.values()
         params = self._params(list(per_layer.values())) if known else None
         global_rank = next(
-            (r for r in range(1, self.max_rank + 1) if (e := self.overall_error(r)) is not None
+            (r for r in range(1, self.num_singular_values + 1) if (e := self.overall_error(r)) is not None
              and e <= self.bound * (1 + TOLERANCE)),
             None,
         )
@@ -188,26 +195,24 @@ class SpectrumReport:
         ]
         summary = {
             "layers": len(self.layers),
-            "max_rank": self.max_rank,
+            "num_singular_values": self.num_singular_values,
             "exact": self.exact,
             "dtype": self.dtype,
             "full_delta_params": sum(layer.shape[0] * layer.shape[1] for layer in self.layers),
             "unchanged": self.unchanged,
-            "changed_whole": [name for name, _ in self.changed_whole],
-            "only_in_base": self.only_in_base,
-            "only_in_tuned": self.only_in_tuned,
-            "mismatched": self.mismatched,
+            "changed_whole": [change.name for change in self.changed_whole],
+            **self.pairing.to_json(),
         }
         return {"layers": layers, "sweep": self.sweep(), "recommendation": rec, "summary": summary}
 
 
-def _bound(target_error: float | None, energy: float | None) -> tuple[float | None, tuple[str, float] | None]:
-    if target_error is not None and energy is not None:
-        raise LoratoolsError("give one of --target-error and --energy, not both")
-    if target_error is not None:
-        if not 0 <= target_error < 1:
-            raise LoratoolsError(f"--target-error {target_error} is out of range; it must be a fraction in [0, 1)")
-        return target_error, ("target_error", target_error)
+def _bound(max_error: float | None, energy: float | None) -> tuple[float | None, tuple[str, float] | None]:
+    if max_error is not None and energy is not None:
+        raise LoratoolsError("give one of --max-error and --energy, not both")
+    if max_error is not None:
+        if not 0 <= max_error < 1:
+            raise LoratoolsError(f"--max-error {max_error} is out of range; it must be a fraction in [0, 1)")
+        return max_error, ("max_error", max_error)
     if energy is not None:
         if not 0 < energy <= 1:
             raise LoratoolsError(f"--energy {energy} is out of range; it must be a fraction in (0, 1]")
@@ -220,28 +225,25 @@ def rank_spectrum(
     tuned: str | os.PathLike,
     *,
     ranks: Sequence[int] = DEFAULT_RANKS,
-    max_rank: int = 128,
-    exact: bool = False,
-    target_error: float | None = None,
+    num_singular_values: int = 128,
+    max_error: float | None = None,
     energy: float | None = None,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    seed: int = 0,
-    device: str = "cpu",
+    selection: Selection = Selection(),
+    svd: SvdSettings = SvdSettings(),
     progress: Progress | None = None,
 ) -> SpectrumReport:
     """The leading spectra of every true delta tuned − base, streamed one layer pair at a time.
 
     Args:
         ranks: ranks to sweep (each ≥ 1).
-        max_rank: how many singular values to compute per layer (raised to max(ranks)); ignored with `exact`.
-        exact: compute the full spectrum with ``torch.linalg.svdvals`` instead of a randomized SVD.
-        target_error, energy: at most one; the bound per-layer and global rank recommendations must meet.
-        include, exclude: tensor patterns, as for ``extract`` (`plan.matches`).
-        device: where the SVDs run ("cpu", "cuda").
+        num_singular_values: how many singular values to compute per layer (raised to max(ranks)); all of
+            them with ``svd.exact``.
+        max_error, energy: at most one; the bound per-layer and global rank recommendations must meet.
+        selection: include / exclude patterns, as for ``extract``; mismatched shapes are always listed.
+        svd: randomized or exact SVD, seed, precision and device (`SvdSettings`).
         progress: called as ``progress(done, total, tensor_name)`` after each tensor.
     Returns:
-        A SpectrumReport; each layer holds S (k,) with k = min(max(max_rank, max(ranks)), rows, cols).
+        A SpectrumReport; each layer holds S (k,) with k = min(max(num_singular_values, max(ranks)), rows, cols).
     Example:
         >>> report = rank_spectrum("fixtures/llama-base", "fixtures/llama-tuned", ranks=[4, 8], energy=0.99)
         >>> report.recommendation()["global_rank"]
@@ -250,50 +252,47 @@ def rank_spectrum(
     ranks = sorted(set(int(r) for r in ranks))
     if not ranks or ranks[0] < 1:
         raise LoratoolsError(f"--ranks {','.join(map(str, ranks))}: give ranks ≥ 1, e.g. --ranks 4,8,16,32,64")
-    if max_rank < 1:
-        raise LoratoolsError(f"--max-rank {max_rank} must be ≥ 1")
-    bound, criterion = _bound(target_error, energy)
-    k = max(max_rank, ranks[-1])
+    if num_singular_values < 1:
+        raise LoratoolsError(f"--singular-values {num_singular_values} must be ≥ 1")
+    bound, criterion = _bound(max_error, energy)
+    k = max(num_singular_values, ranks[-1])
+    device = svd.torch_device()
     with open_checkpoint(base) as base_index, open_checkpoint(tuned) as tuned_index:
-        plan = plan_extract(base_index, tuned_index, include=include, exclude=exclude, skip_mismatched=True)
+        plan = plan_extract(base_index, tuned_index, selection=replace(selection, skip_mismatched=True))
         dtype = tuned_index.info(plan.pairs[0].tensor).dtype if plan.pairs else torch.float32
         report = SpectrumReport(
-            [], ranks, k, exact, dtype.itemsize, str(dtype).removeprefix("torch."), bound, criterion,
-            only_in_base=plan.only_in_base, only_in_tuned=plan.only_in_tuned,
-            mismatched=[name for name, _, _ in plan.mismatched],
+            [], ranks, k, svd.exact, dtype.itemsize, dtype_name(dtype), bound, criterion, pairing=plan.pairing,
         )
         todo = len(plan.pairs) + len(plan.whole)
         # as extract reads them: one ΔW at a time in one reused workspace, the next pairs read ahead
-        deltas = layer_deltas(base_index, tuned_index, plan.pairs, device=device, reuse=True)
+        deltas = layer_deltas(base_index, tuned_index, plan.pairs, dtype=svd.dtype, device=device, reuse=True)
         for done, delta in enumerate(deltas, 1):
             pair = delta.pair
             if delta.energy == 0:
                 report.unchanged += 1
             else:
-                report.layers.append(_layer_spectrum(pair.module, pair.tensor, pair.kind, delta, k, exact, seed))
+                report.layers.append(_layer_spectrum(delta, k, svd.for_layer(pair.module)))
             if progress is not None:
                 progress(done, todo, pair.tensor)
         for done, whole in enumerate(plan.whole, len(plan.pairs) + 1):
-            b, t = base_index.get(whole.tensor), tuned_index.get(whole.tensor)
-            if torch.equal(b, t):
+            change = tensor_change(base_index, tuned_index, whole.tensor)
+            if change is None:
                 report.unchanged += 1
             else:
-                report.changed_whole.append((whole.tensor, tuple(b.shape)))
+                report.changed_whole.append(change)
             if progress is not None:
                 progress(done, todo, whole.tensor)
     return report
 
 
-def _layer_spectrum(
-    name: str, tensor: str, kind: str, delta: LayerDelta, k: int, exact: bool, seed: int
-) -> LayerSpectrum:
+def _layer_spectrum(delta: LayerDelta, k: int, svd: SvdSettings) -> LayerSpectrum:
     """The top-k (or full) spectrum of one layer's (rows, cols) ΔW."""
-    matrix = delta.matrix
+    matrix, pair = delta.matrix, delta.pair
     full = min(matrix.shape)
-    if exact:
-        s, tail = torch.linalg.svdvals(matrix), 0.0
+    if svd.exact:  # singular values only: several times faster than the full SVD with its vectors
+        s, tail = torch.linalg.svdvals(matrix.to(svd.dtype)), 0.0
     else:
-        U, s, Vh = randomized_svd(matrix, min(k, full), seed=seed, total_energy=delta.energy)
+        U, s, Vh = randomized_svd(matrix, min(k, full), settings=svd, total_energy=delta.energy)
         tail = 0.0 if len(s) == full else residual_energy(matrix, U * s, Vh)
     shape = (int(matrix.shape[0]), int(matrix.shape[1]))
-    return LayerSpectrum(name, tensor, kind, shape, s.float().cpu(), delta.energy, len(s) == full, tail)
+    return LayerSpectrum(pair.module, pair.tensor, pair.kind, shape, s.float().cpu(), delta.energy, len(s) == full, tail)

@@ -1,6 +1,6 @@
 """Numbers that summarise a singular-value spectrum S (descending), and the exact spectrum of a LoRA module.
 
-All functions are pure: a (k,) tensor in, floats or a string out. ``total_energy`` is ‖ΔW‖²_F; it defaults
+All functions are pure: a (k,) tensor in, floats out. ``total_energy`` is ‖ΔW‖²_F; it defaults
 to Σ σ_i², which is exact when S is the whole spectrum (a LoRA module's, or `--exact`), and is passed in
 when S holds only the leading values of a larger matrix.
 """
@@ -14,8 +14,6 @@ import torch
 
 from loratools.adapter import LoraModule
 from loratools.linalg import factor_spectrum
-
-SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 
 
 def module_singular_values(module: LoraModule) -> torch.Tensor:
@@ -87,24 +85,3 @@ def spectrum_stats(S: torch.Tensor, rank: int, total_energy: float | None = None
         stable_rank=stable_rank(S, energy),
         top_quarter_energy=top_energy_fraction(S, max(1, math.ceil(rank / 4)), energy),
     )
-
-
-def sparkline(S: torch.Tensor, width: int = 16, decades: float = 3.0) -> str:
-    """A block-character sketch of S on a log scale: σ_1 is a full block, σ_1·10^-decades and below the lowest.
-
-    Spectra longer than `width` are resampled at evenly spaced indices (first and last kept).
-
-    Example:
-        >>> sparkline(torch.tensor([1.0, 0.1, 0.01, 0.001]))
-        '█▆▃▁'
-    """
-    if len(S) == 0:
-        return ""
-    s = S.double()
-    if len(s) > width:
-        s = s[torch.linspace(0, len(s) - 1, width).round().long()]
-    top = float(s[0])
-    if top <= 0:
-        return SPARK_BLOCKS[0] * len(s)
-    level = ((s.clamp_min(top * 10**-decades) / top).log10() / decades + 1) * (len(SPARK_BLOCKS) - 1)
-    return "".join(SPARK_BLOCKS[int(i)] for i in level.round().clamp(0, len(SPARK_BLOCKS) - 1))

@@ -1,0 +1,57 @@
+"""The click group: ``-h/--help``, ``--version``, ``--debug``, and the error boundary every command shares.
+
+Errors: any LoratoolsError becomes one line ``error: …`` on stderr and exit code 2 (``--debug`` shows the
+traceback); usage errors are one line too, naming the command's ``--help``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from loratools.errors import LoratoolsError
+from loratools.version import __version__
+
+CONTEXT_SETTINGS = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+class LoratoolsGroup(click.Group):
+    """A click group that turns library and usage errors into one line and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            click.echo(f"error: {exc.format_message()} (see '{command} --help')", err=True)
+            ctx.exit(2)
+        except LoratoolsError as exc:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; no output was written", err=True)
+            ctx.exit(130)
+
+
+@click.group("loratools", cls=LoratoolsGroup, context_settings=CONTEXT_SETTINGS)
+@click.version_option(__version__, "--version", prog_name="loratools")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+def cli(debug: bool) -> None:
+    """Extract, inspect, merge, combine, resize and convert LoRA adapters.
+
+    Every command takes --json (the result as one JSON document on stdout) and -q/--quiet (no progress bar
+    and no per-layer tables: the summary lines only). Warnings go to stderr.
+
+    \b
+    Examples:
+      loratools extract fixtures/llama-base fixtures/llama-tuned -o out/adapter --rank 8
+      loratools inspect out/adapter
+    """
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="loratools")
