@@ -58,7 +58,9 @@ def _output_alpha(first: LoraModule, rank: int) -> float:
     return first.scale * rank if first.rslora else first.alpha * (rank / first.rank)
 
 
-def _stacked(modules: Sequence[LoraModule], weights: Sequence[float], scale: float, dtype: torch.dtype):
+def _stacked(
+    modules: Sequence[LoraModule], weights: Sequence[float], scale: float, dtype: torch.dtype
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(B blocks with wᵢ·sᵢ/scale folded in, A blocks), each cast to `dtype`."""
     compute = accumulation_dtype(dtype)
     bs, as_ = [], []
@@ -276,14 +278,14 @@ def combine_adapters(
         reports.append(report)
         if progress:
             progress(done + 1, len(groups), out_names[key])
-    first = adapters[0]
+    lead = adapters[0]
     base_models = {a.base_model for a in adapters}
     combined = Adapter(
         modules=modules,
-        format="kohya" if first.format == "kohya" else "peft",
-        base_model=first.base_model if len(base_models) == 1 else None,
+        format="kohya" if lead.format == "kohya" else "peft",
+        base_model=lead.base_model if len(base_models) == 1 else None,
         metadata=_common_metadata(adapters),
-        config={"task_type": first.config.get("task_type")} if first.config.get("task_type") else {},
+        config={"task_type": lead.config.get("task_type")} if lead.config.get("task_type") else {},
         full=_combine_full(adapters, weights),
     )
     return combined, reports
@@ -298,7 +300,7 @@ def rescale_adapter(adapter: Adapter, *, scale: float | None = None, alpha: floa
         raise LoratoolsError("give exactly one of --scale or --alpha")
     if scale is not None:
         modules = {n: rescale_module(m, scale) for n, m in adapter.modules.items()}
-    else:
+    elif alpha is not None:
         modules = {n: set_alpha(m, alpha) for n, m in adapter.modules.items()}
     notes = list(adapter.notes)
     if adapter.full and scale is not None:

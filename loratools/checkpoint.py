@@ -18,9 +18,11 @@ import math
 import os
 import pickle
 import struct
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -131,7 +133,7 @@ class TensorIndex:
         self.files = files
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, Any] = {}  # safe_open handles, or the state dicts of .bin files
         self._reader: ThreadPoolExecutor | None = None
         for number, file in enumerate(files):
             found, metadata = self._read_file_index(file)
@@ -173,7 +175,7 @@ class TensorIndex:
     def __contains__(self, name: object) -> bool:
         return name in self.tensors
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self.tensors)
 
     def __len__(self) -> int:

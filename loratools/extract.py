@@ -217,7 +217,7 @@ def extract(
             return result
         total = len(plan.whole) + len(plan.pairs)
         full = _compare_whole(plan, base_index, tuned_index, result, progress, total)
-        factors = {}
+        factors: dict[LayerPair, tuple[torch.Tensor, torch.Tensor]] = {}
         # one ΔW in memory at a time, each formed in the same workspace while the next is read ahead
         deltas = layer_deltas(base_index, tuned_index, plan.pairs, dtype=svd.dtype, device=device, reuse=True)
         for number, pair in enumerate(plan.pairs):
@@ -231,7 +231,8 @@ def extract(
             layer_policy = RankPolicy("rank", conv_rank) if conv_rank and pair.kind == "conv2d" else policy
             lr = low_rank(delta.matrix, layer_policy, settings=svd.for_layer(pair.module), total_energy=delta.energy)
             if lr.rank:
-                factors[pair] = tuple(f.to("cpu", torch.float32) for f in lr.factors())
+                left, right = lr.factors()
+                factors[pair] = (left.to("cpu", torch.float32), right.to("cpu", torch.float32))
             result.layers.append(ExtractedLayer(
                 pair.module, pair.tensor, pair.shape, pair.kind, lr.rank, lr.rel_error, lr.energy,
                 float(lr.S[0]), float(lr.S[lr.rank - 1]) if lr.rank else 0.0, lr.total_energy**0.5, lr.clamped,

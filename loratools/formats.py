@@ -21,12 +21,14 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable
+from typing import TypeVar
 
 import torch
 
 from loratools.adapter import Adapter, LoraModule
 from loratools.errors import FormatError
 
+T = TypeVar("T")
 PEFT_PREFIX = "base_model.model."
 KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_", "lora_transformer_")
 NAME_MAP_KEY = "loratools_module_names"
@@ -101,7 +103,7 @@ def _split_key(key: str, table: dict[str, tuple[str, bool]]) -> tuple[str, str] 
     return (key[: -len(best)], best) if best else None
 
 
-def peft_pattern_value(patterns: dict, name: str, default):
+def peft_pattern_value(patterns: dict, name: str, default: T) -> T:
     """PEFT's rank_pattern / alpha_pattern lookup: the first key with ``re.match(rf"(.*\\.)?({key})$", name)``."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", name):

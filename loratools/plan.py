@@ -206,7 +206,8 @@ class Plan:
 
 def task_type(config: dict | None) -> str | None:
     """PEFT ``task_type`` for a ``config.json`` (e.g. ``LlamaForCausalLM`` -> ``CAUSAL_LM``), None when unknown."""
-    architectures = (config or {}).get("architectures") or []
+    config = config or {}
+    architectures = config.get("architectures") or []
     if not architectures:
         return None
     arch = architectures[0]
@@ -240,7 +241,8 @@ def layer_kinds(shapes: dict[str, tuple[int, ...]], config: dict | None) -> tupl
 def _module_types_from_transformers(config: dict | None) -> tuple[Kinds | None, str, str]:
     """({parameter name: (kind, why)}, base_model_prefix, source) from the model built on the meta device,
     or (None, "", why not)."""
-    architectures = (config or {}).get("architectures") or []
+    config = config or {}
+    architectures = config.get("architectures") or []
     if not architectures:
         return None, "", "no config.json naming an architecture"
     if _modeling_source_lacks_conv1d(config.get("model_type")):
@@ -290,7 +292,7 @@ def _modeling_source_lacks_conv1d(model_type: str | None) -> bool:
         return False
     if spec is None or not spec.submodule_search_locations:
         return False
-    folder = Path(spec.submodule_search_locations[0]) / "models" / model_type.replace("-", "_")
+    folder = Path(spec.submodule_search_locations[0]) / "models" / (model_type or "").replace("-", "_")
     sources = list(folder.glob("modeling_*.py"))
     return bool(sources) and not any("Conv1D" in source.read_text(errors="replace") for source in sources)
 

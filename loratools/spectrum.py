@@ -157,8 +157,9 @@ class SpectrumReport:
         if self.bound is None or self.criterion is None:
             return None
         per_layer = {layer.name: layer.rank_for(self.bound) for layer in self.layers}
-        known = None not in per_layer.values()
-        params = self._params(list(per_layer.values())) if known else None
+        found = [rank for rank in per_layer.values() if rank is not None]
+        known = len(found) == len(per_layer)
+        params = self._params(found) if known else None
         global_rank = next(
             (r for r in range(1, self.num_singular_values + 1) if (e := self.overall_error(r)) is not None
              and e <= self.bound * (1 + TOLERANCE)),
@@ -170,7 +171,7 @@ class SpectrumReport:
             "per_layer": per_layer,
             "params": params,
             "bytes": params * self.itemsize if params is not None else None,
-            "max_layer_rank": max(per_layer.values(), default=0) if known else None,
+            "max_layer_rank": max(found, default=0) if known else None,
             "global_rank": global_rank,
             "global_rel_error": self.overall_error(global_rank) if global_rank is not None else None,
         }

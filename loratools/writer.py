@@ -172,7 +172,7 @@ def stream_safetensors(
                 raise ValueError(
                     f"{spec.name}: produced {tuple(tensor.shape)} {tensor.dtype}, header says {spec.shape} {spec.dtype}"
                 )
-            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            handle.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
 
 
 def shard_layout(specs: Iterable[TensorSpec], max_bytes: int) -> dict[str, list[TensorSpec]]:

@@ -158,7 +158,7 @@ def rank_policy_options(default_rank: int | None = 16, required: bool = True) ->
                 if not required:
                     return func(*args, policy=None, **kwargs)
                 raise click.UsageError("give a rank policy: --rank, --energy, --max-error, --sv-ratio or --threshold")
-            kind, value = next(iter(given.items())) if given else ("rank", default_rank)
+            kind, value = next(iter(given.items())) if given else ("rank", float(default_rank or 0))
             return func(*args, policy=RankPolicy(kind, value, max_rank), **kwargs)
 
         return _decorate(wrapper, [
@@ -186,7 +186,7 @@ def selection_options(writes_adapter: bool = False) -> Callable[[Command], Comma
             extra = {k: kwargs.pop(k) for k in ("embeddings", "save_full", "skip_mismatched") if k in kwargs}
             return func(*args, selection=Selection(include=include, exclude=exclude, **extra), **kwargs)
 
-        options = [
+        options: list[Callable[[Command], Command]] = [
             click.option("--include", multiple=True, metavar="PATTERN",
                          help="Only tensors matching (glob; plain words: substring). Repeatable."),
             click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave out tensors matching. Repeatable."),
