@@ -206,7 +206,8 @@ class TensorIndex:
         page cache instead of waiting for the disk; a no-op for .bin files (already mapped by torch.load).
 
         Reading ahead this way overlaps the disk with the caller's computation (the thread waits on the disk
-        with the GIL released). ``posix_fadvise(WILLNEED)`` was measured to be no faster than not reading ahead.
+        with the GIL released); a plain read is used because the OS's own read-ahead hint gains nothing here
+        (README, performance).
         """
         info = self.info(name)
         if info.offset is None:
