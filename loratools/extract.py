@@ -240,16 +240,16 @@ def extract(
             ))
         if progress:
             progress(total, total, "")
-    result.adapter = _build_adapter(factors, full, plan, base)
-    _finish_summary(result, out_dtype)
-    if not result.adapter.modules and not result.adapter.full:
+    adapter = result.adapter = _build_adapter(factors, full, plan, base)
+    _finish_summary(result, adapter, out_dtype)
+    if not adapter.modules and not adapter.full:
         raise LoratoolsError(
             f"{tuned}: no changed layers to extract against {base} ({result.unchanged} unchanged tensors,"
             f" {len(result.changed)} changed tensors not saved); check the paths, or save changed tensors with"
             " --save-full PATTERN"
         )
     parameters = {"rank_policy": summary.rank_policy, "algorithm": summary.algorithm}
-    save_adapter(result.adapter, out, format=format, inputs=[base, tuned], force=force, dtype=out_dtype,
+    save_adapter(adapter, out, format=format, inputs=[base, tuned], force=force, dtype=out_dtype,
                  metadata=provenance("extract", [base, tuned], parameters))
     summary.seconds = time.perf_counter() - started
     summary.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -328,9 +328,8 @@ def _build_adapter(
     return Adapter(modules, base_model=str(base), config={"task_type": plan.task_type}, full=full)
 
 
-def _finish_summary(result: ExtractResult, out_dtype: torch.dtype) -> None:
-    summary, plan, adapter = result.summary, result.plan, result.adapter
-    assert adapter is not None
+def _finish_summary(result: ExtractResult, adapter: Adapter, out_dtype: torch.dtype) -> None:
+    summary, plan = result.summary, result.plan
     residual = pooled_rel_error(((layer.delta_norm * layer.rel_error) ** 2, layer.delta_norm**2)
                                 for layer in result.layers)
     summary.layers = len(adapter.modules)
