@@ -16,6 +16,11 @@ Decisions:
   on a module that also gets a LoRA, which PEFT cannot load) fail fast. A module saved whole carries all its
   parameters (PEFT's ``modules_to_save`` loading needs the unchanged bias next to a changed weight).
 - A layer whose policy rank is 0 (e.g. ``--threshold`` above σ₁) is reported and left out of the adapter.
+- Without ``format``, `formats.default_format` picks it from the base checkpoint (kohya for Stable Diffusion
+  inputs, PEFT otherwise) and the summary says why; a defaulted kohya / diffusers format only compares
+  embeddings (neither layout has them). kohya and diffusers keys use each module's diffusers pipeline name
+  (`formats.pipeline_names`: original single-file U-Nets renamed to the diffusers layout), which every
+  Stable Diffusion loader maps; layers without one are named in a note.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from loratools.adapter import Adapter, LoraModule, lora_matrix
 from loratools.adapter_files import save_adapter
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import CheckpointError, FormatError, LoratoolsError
+from loratools.formats import FORMATS, ORIGINAL_NAMESPACES, default_format, pipeline_names
 from loratools.linalg import MAX_POWER_ITERS, POWER_GAIN, RankPolicy, compute_dtype, frobenius_energy, low_rank
 from loratools.plan import LayerPair, Plan, WholeTensor, natural_key, plan_extract
 from loratools.progress import Progress
@@ -216,6 +222,7 @@ class ExtractSummary:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     kind_source: str = ""
+    format_reason: str = ""
     task_type: str | None = None
     only_in_base: list[str] = field(default_factory=list)
     only_in_tuned: list[str] = field(default_factory=list)
@@ -262,7 +269,7 @@ def extract(
     include: tuple[str, ...] | list[str] = (),
     exclude: tuple[str, ...] | list[str] = (),
     skip_mismatched: bool = False,
-    format: str = "peft",
+    format: str | None = None,
     dtype: str | None = None,
     precision: str = "fp32",
     exact: bool = False,
@@ -284,7 +291,7 @@ def extract(
         embeddings: ``lora``, ``full`` (save whole when changed) or ``skip`` (report only).
         save_full: patterns of tensors to save whole when changed (PEFT ``modules_to_save``).
         include, exclude, skip_mismatched: tensor selection, see `plan_extract`.
-        format: ``peft`` or ``kohya``.
+        format: ``peft``, ``kohya`` or ``diffusers``; default from the base checkpoint (`default_format`).
         dtype: ``fp32``, ``fp16`` or ``bf16`` for the written factors; default the tuned weights' dtype.
         precision: ``fp32`` or ``fp64`` for ΔW and the SVD.
         exact: full SVD per layer instead of randomized SVD (slow; reports the Eckart–Young optimum).
@@ -305,8 +312,8 @@ def extract(
         >>> result.summary.rel_error, [layer.rank for layer in result.layers][:3]
     """
     started = time.perf_counter()
-    if format not in ("peft", "kohya"):
-        raise FormatError(f"--format {format!r}: choose peft or kohya")
+    if format is not None and format not in FORMATS:
+        raise FormatError(f"--format {format!r}: choose peft, kohya or diffusers")
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise LoratoolsError(f"--dtype {dtype!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
     work_dtype = compute_dtype(precision)
@@ -315,15 +322,24 @@ def extract(
     if report is not None:
         check_output(report, [base, tuned, out], force)
     with open_checkpoint(base) as base_index, open_checkpoint(tuned) as tuned_index:
+        config = base_index.config or tuned_index.config
+        format_reason = f"{format}: given with --format"
+        if format is None:
+            format, format_reason = default_format(list(base_index.tensors), config)
+            if format != "peft" and embeddings == "lora":
+                embeddings = "skip"
+                format_reason += f" (embeddings compared only: {format} has no embedding layout)"
         plan = plan_extract(base_index, tuned_index, include=include, exclude=exclude, embeddings=embeddings,
                             save_full=save_full, skip_mismatched=skip_mismatched)
         _check_format(plan, format)
+        names = pipeline_names(list(base_index.tensors), config) if format != "peft" else None
+        _check_pipeline_names(plan, names, format)
         out_dtype = OUTPUT_DTYPES[dtype] if dtype else _tuned_dtype(plan, tuned_index)
         summary = ExtractSummary(
             base=str(base), tuned=str(tuned), output=str(out), format=format,
             dtype=str(out_dtype).removeprefix("torch."), rank_policy=_describe(policy, conv_rank),
             algorithm=_algorithm(exact, oversample, power_iters, seed, precision), device=str(torch_device),
-            kind_source=plan.kind_source, task_type=plan.task_type, only_in_base=plan.only_in_base,
+            kind_source=plan.kind_source, format_reason=format_reason, task_type=plan.task_type, only_in_base=plan.only_in_base,
             only_in_tuned=plan.only_in_tuned, excluded=len(plan.excluded),
             mismatched=[{"name": n, "base": list(b), "tuned": list(t)} for n, b, t in plan.mismatched],
         )
@@ -358,6 +374,7 @@ def extract(
             progress(total, total, "")
     result.adapter = _build_adapter(factors, full, plan, base)
     _finish_summary(result, out_dtype)
+    _note_unmapped(result, names)
     if not result.adapter.modules and not result.adapter.full:
         raise LoratoolsError(
             f"{tuned}: no changed layers to extract against {base} ({result.unchanged} unchanged tensors,"
@@ -365,7 +382,7 @@ def extract(
             " --save-full PATTERN"
         )
     save_adapter(result.adapter, out, format, inputs=[base, tuned], force=force, dtype=out_dtype,
-                 metadata=_provenance(summary))
+                 metadata=_provenance(summary), names=names)
     summary.seconds = time.perf_counter() - started
     summary.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     _write_report(result, report, [base, tuned, out], force)
@@ -392,16 +409,37 @@ def _check_device(device: str) -> torch.device:
 
 
 def _check_format(plan: Plan, format: str) -> None:
-    if format != "kohya":
+    if format == "peft":
         return
     odd = [p for p in plan.pairs if p.kind in ("embedding", "conv1d")]
     if odd:
         fix = "--embeddings skip (or full with --format peft)" if odd[0].kind == "embedding" else "--format peft"
-        raise FormatError(f"{odd[0].tensor}: kohya has no {odd[0].kind} layout; use {fix}, or --exclude it")
+        raise FormatError(f"{odd[0].tensor}: {format} has no {odd[0].kind} layout; use {fix}, or --exclude it")
     saved = [w for w in plan.whole if w.save]
     if saved:
-        raise FormatError(f"{saved[0].tensor}: kohya files cannot hold whole tensors (--save-full/--embeddings full);"
-                          " use --format peft")
+        raise FormatError(f"{saved[0].tensor}: {format} files cannot hold whole tensors (--save-full/--embeddings"
+                          " full); use --format peft")
+
+
+def _unmapped(modules: list[str], names: dict[str, str] | None) -> list[str]:
+    """Original single-file modules that have no diffusers pipeline name."""
+    return [m for m in modules if names is not None and m not in names and m.startswith(tuple(ORIGINAL_NAMESPACES))]
+
+
+def _check_pipeline_names(plan: Plan, names: dict[str, str] | None, format: str) -> None:
+    odd = _unmapped([p.module for p in plan.pairs], names)
+    if format == "diffusers" and odd:
+        raise FormatError(f"{odd[0]}: no diffusers name for this original-layout layer ({len(odd)} such layers:"
+                          f" {_names(odd)}); --exclude them, or use --format kohya")
+
+
+def _note_unmapped(result: ExtractResult, names: dict[str, str] | None) -> None:
+    odd = _unmapped(list(result.adapter.modules), names)
+    if odd:
+        result.summary.notes.append(
+            f"{len(odd)} layer(s) have no diffusers name and keep their original kohya names, which diffusers'"
+            f" loader cannot map (A1111 and ComfyUI can): {_names(odd)}"
+        )
 
 
 def _tuned_dtype(plan: Plan, tuned: TensorIndex) -> torch.dtype:

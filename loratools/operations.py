@@ -4,8 +4,9 @@ Each function loads its inputs, calls one algebra function, writes atomically wi
 an input, never over an existing output without ``force``) and returns an `AdapterResult` for the CLI.
 
 Decisions:
-- The output format defaults to the (first) input's format: kohya stays kohya, PEFT and diffusers-style
-  files are written as PEFT. `convert` is the way to change it.
+- The output format defaults to the (first) input's format (`formats.default_format`): kohya stays kohya,
+  diffusers stays diffusers (PEFT when its names are not pipeline names such as ``unet.…``), PEFT stays
+  PEFT; `format_reason` says which rule chose it. ``format`` (and `convert`) overrides it.
 - Adapters holding modules this tool cannot use (LoHa, LoKr, DoRA …) are refused rather than silently
   written without them.
 - Every written file records ``loratools_operation`` and ``loratools_inputs`` in its safetensors metadata.
@@ -26,7 +27,7 @@ from loratools.adapter_files import load_adapter, save_adapter
 from loratools.algebra import LayerReport, combine_adapters, rescale_adapter, resize_adapter
 from loratools.checkpoint import open_checkpoint
 from loratools.errors import FormatError
-from loratools.formats import KOHYA_PREFIXES, resolve_kohya_names
+from loratools.formats import KOHYA_PREFIXES, default_format, pipeline_names, resolve_kohya_names
 from loratools.linalg import RankPolicy
 from loratools.progress import Progress
 from loratools.writer import atomic_output, check_output
@@ -45,6 +46,7 @@ class AdapterResult:
     ranks: list[int]
     layers: list[LayerReport] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    format_reason: str = ""
 
     @property
     def max_error(self) -> float:
@@ -60,6 +62,7 @@ class AdapterResult:
             "max_error": self.max_error,
             "layers": [layer.to_dict() for layer in self.layers],
             "notes": self.notes,
+            "format_reason": self.format_reason,
         }
 
 
@@ -86,24 +89,30 @@ def _provenance(operation: str, inputs: Sequence[PathLike], **params: object) ->
 def _write(
     adapter: Adapter,
     out: PathLike,
-    format: str,
+    chosen: tuple[str, str],
     inputs: Sequence[PathLike],
     force: bool,
     dtype: torch.dtype | None,
     metadata: dict[str, str],
     layers: list[LayerReport] = (),
     prefix: str | None = None,
+    names: dict[str, str] | None = None,
 ) -> AdapterResult:
+    format, reason = chosen  # from _output_format
     path = save_adapter(
-        adapter, out, format, inputs=inputs, force=force, dtype=dtype, kohya_prefix=prefix, metadata=metadata
+        adapter, out, format, inputs=inputs, force=force, dtype=dtype, kohya_prefix=prefix, metadata=metadata,
+        names=names,
     )
     written = adapter.to(dtype) if dtype is not None else adapter
     return AdapterResult(path, format, len(adapter.modules), written.num_parameters(), adapter.ranks, list(layers),
-                         list(adapter.notes))
+                         list(adapter.notes), reason)
 
 
-def _output_format(adapter: Adapter, format: str | None) -> str:
-    return format or ("kohya" if adapter.format == "kohya" else "peft")
+def _output_format(adapter: Adapter, format: str | None) -> tuple[str, str]:
+    """(format, why): `format` when given, else the input adapter's (`default_format`)."""
+    if format is not None:
+        return format, f"{format}: given with --format"
+    return default_format(list(adapter.modules), adapter_format=adapter.format)
 
 
 def combine(
@@ -123,7 +132,7 @@ def combine(
         adapters: PEFT folders/files and kohya files, in any mix.
         weights: one per adapter (default 1 each).
         method: "concat" (exact, ranks add) or "svd" (recompressed; `policy`, default each layer's largest rank).
-        format: "peft" or "kohya" (default: the first adapter's).
+        format: "peft", "kohya" or "diffusers" (default: the first adapter's).
     Example:
         >>> combine(["style", "subject"], "both", weights=[0.7, 1.0], method="svd", policy=RankPolicy("rank", 16))
     """
@@ -141,12 +150,16 @@ def rescale(
     alpha: float | None = None,
     dtype: torch.dtype | None = None,
     force: bool = False,
+    format: str | None = None,
 ) -> AdapterResult:
-    """Write the adapter with every delta times `scale`, or with alpha set to `alpha` and deltas unchanged."""
+    """Write the adapter with every delta times `scale`, or with alpha set to `alpha` and deltas unchanged.
+
+    `format`: "peft", "kohya" or "diffusers" (default: the input's).
+    """
     loaded = load_usable(adapter)
     rescaled = rescale_adapter(loaded, scale=scale, alpha=alpha)
     metadata = _provenance("rescale", [adapter], scale=scale, alpha=alpha)
-    return _write(rescaled, out, _output_format(loaded, None), [adapter], force, dtype, metadata)
+    return _write(rescaled, out, _output_format(loaded, format), [adapter], force, dtype, metadata)
 
 
 def resize(
@@ -157,18 +170,20 @@ def resize(
     force: bool = False,
     report: PathLike | None = None,
     progress: Progress | None = None,
+    format: str | None = None,
 ) -> AdapterResult:
     """Write the adapter with each module optimally truncated to the rank `policy` chooses, scale preserved.
 
     Args:
         report: also write the result (per-layer ranks and errors) as JSON to this path.
+        format: "peft", "kohya" or "diffusers" (default: the input's).
     """
     if report is not None:  # refuse a bad report path before the adapter is written, not after
         check_output(report, [adapter, out], force)
     loaded = load_usable(adapter)
     resized, layers = resize_adapter(loaded, policy, progress)
     metadata = _provenance("resize", [adapter], policy=policy.__dict__)
-    result = _write(resized, out, _output_format(loaded, None), [adapter], force, dtype, metadata, layers)
+    result = _write(resized, out, _output_format(loaded, format), [adapter], force, dtype, metadata, layers)
     if report is not None:
         with atomic_output(report, [adapter, out], force) as tmp:
             tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
@@ -187,20 +202,24 @@ def convert(
     """Write the adapter in another format with identical deltas.
 
     Args:
-        format: "peft" or "kohya".
+        format: "peft", "kohya" or "diffusers".
         prefix: kohya key prefix (default: chosen from each module's namespace).
-        base: the model the adapter is for; resolves kohya stems to the dotted module names PEFT needs.
+        base: the model the adapter is for; resolves kohya stems to the dotted module names PEFT and diffusers
+            need, and gives kohya / diffusers keys the base's diffusers pipeline names (`pipeline_names`).
     """
     loaded = load_usable(adapter)
+    names = None
     if base is not None:
         with open_checkpoint(base) as index:
             loaded = resolve_kohya_names(loaded, list(index.tensors))
+            names = pipeline_names(list(index.tensors), index.config)
     stems = sorted(n for n in loaded.modules if n.startswith(KOHYA_PREFIXES))
-    if format == "peft" and stems:
+    if format in ("peft", "diffusers") and stems:
         where = f"match no tensor of {base}" if base is not None else "need the model to be resolved"
         raise FormatError(
             f"{adapter}: {len(stems)} kohya module name(s) {where} ({', '.join(stems[:3])}"
             f"{' ...' if len(stems) > 3 else ''}); pass --base with the model the adapter was made for"
         )
     metadata = _provenance("convert", [adapter], format=format, prefix=prefix)
-    return _write(loaded, out, format, [adapter], force, dtype, metadata, prefix=prefix)
+    return _write(loaded, out, _output_format(loaded, format), [adapter], force, dtype, metadata, prefix=prefix,
+                  names=names)
