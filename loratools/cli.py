@@ -221,7 +221,7 @@ def _render_extract(result) -> None:
 @click.argument("base")
 @click.argument("tuned")
 @click.option("-o", "--output", "out", required=True, metavar="PATH",
-              help="A PEFT folder, or a .safetensors file (kohya / bare PEFT).")
+              help="A folder (PEFT, diffusers), or a .safetensors file (kohya / bare PEFT / diffusers).")
 @rank_policy_options(default_rank=16)
 @click.option("--conv-rank", type=click.IntRange(min=1), help="Fixed rank for conv2d layers (default: the policy).")
 @click.option("--embeddings", type=click.Choice(["lora", "full", "skip"]), default="lora", show_default=True,
@@ -231,8 +231,9 @@ def _render_extract(result) -> None:
 @click.option("--include", multiple=True, metavar="PATTERN", help="Only tensors matching (glob; plain words: substring).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Leave out tensors matching. Repeatable.")
 @click.option("--skip-mismatched", is_flag=True, help="Skip (and list) tensors whose shapes differ instead of failing.")
-@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), default="peft", show_default=True,
-              help="PEFT folder (or file), or a kohya / A1111 / ComfyUI file.")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]),
+              help="PEFT folder (or file), kohya / A1111 / ComfyUI file, or diffusers (load_lora_weights) folder or"
+                   " file [default: kohya for Stable Diffusion inputs, else peft].")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), help="Written dtype (default: the tuned weights').")
 @click.option("--precision", type=click.Choice(["fp32", "fp64"]), default="fp32", show_default=True,
               help="Precision of ΔW and the SVD.")
@@ -262,7 +263,8 @@ def extract_command(base, tuned, out, policy, conv_rank, embeddings, save_full, 
     Examples:
       loratools extract fixtures/llama-base fixtures/llama-tuned -o adapter --rank 8 --save-full '*norm*'
       loratools extract base/ tuned/ -o adapter --energy 0.9 --max-rank 64 --report report.json
-      loratools extract sd-base.safetensors sd-tuned.safetensors -o lora.safetensors --format kohya --conv-rank 8
+      loratools extract sd-base.safetensors sd-tuned.safetensors -o lora.safetensors --conv-rank 8
+      loratools extract unet-base/ unet-tuned/ -o lora --format diffusers
       loratools extract base/ tuned/ -o adapter --dry-run
     """
     import torch
@@ -277,6 +279,8 @@ def extract_command(base, tuned, out, policy, conv_rank, embeddings, save_full, 
             precision=precision, exact=exact, seed=seed, oversample=oversample, power_iters=power_iters,
             device=device, dry_run=dry_run, force=force, report=report, progress=update,
         )
+    if result.summary.format_reason:
+        click.echo(f"note: format {result.summary.format_reason}", err=True)
     for note in result.summary.notes:
         click.echo(f"warning: {note}", err=True)
     if as_json:
@@ -653,6 +657,8 @@ def _render_written(result, as_json: bool, layers_title: str | None = None) -> N
     if result.layers:
         line += f"; max relative error {result.max_error:.3e}"
     click.echo(line)
+    if result.format_reason:
+        click.echo(f"note: format {result.format_reason}")
     for note in result.notes:
         click.echo(f"note: {note}")
 
@@ -716,7 +722,8 @@ def merge_command(base, adapters, out, dtype, force, as_json, weights, shard_siz
 @click.option("--method", type=click.Choice(["concat", "svd"]), default="concat", show_default=True,
               help="concat: exact, ranks add. svd: the exact sum recompressed to a rank policy.")
 @rank_policy_options(default_rank=None, required=False)
-@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), help="Output format (default: the first's).")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]),
+              help="Output format (default: the first's).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def combine_command(adapters, out, dtype, force, as_json, weights, method, policy, fmt, quiet) -> None:
     """Combine adapters into one whose delta is Σ wᵢ·ΔWᵢ.
@@ -746,7 +753,9 @@ def combine_command(adapters, out, dtype, force, as_json, weights, method, polic
 @_output_options
 @click.option("--scale", type=float, help="Multiply every delta by S (alpha × S, factors unchanged).")
 @click.option("--alpha", type=float, help="Set alpha to A and keep every delta unchanged (B rescaled).")
-def rescale_command(adapter, out, dtype, force, as_json, scale, alpha) -> None:
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]),
+              help="Output format (default: the input's).")
+def rescale_command(adapter, out, dtype, force, as_json, scale, alpha, fmt) -> None:
     """Scale an adapter's deltas (--scale S) or change its alpha keeping the deltas (--alpha A).
 
     \b
@@ -758,7 +767,7 @@ def rescale_command(adapter, out, dtype, force, as_json, scale, alpha) -> None:
 
     if (scale is None) == (alpha is None):
         raise click.UsageError("give exactly one of --scale or --alpha")
-    _render_written(rescale(adapter, out, scale, alpha, _torch_dtype(dtype), force), as_json)
+    _render_written(rescale(adapter, out, scale, alpha, _torch_dtype(dtype), force, fmt), as_json)
 
 
 @cli.command("resize")
@@ -766,8 +775,10 @@ def rescale_command(adapter, out, dtype, force, as_json, scale, alpha) -> None:
 @_output_options
 @rank_policy_options(default_rank=None)
 @click.option("--report", type=click.Path(dir_okay=False), metavar="FILE.json", help="Also write the report as JSON.")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]),
+              help="Output format (default: the input's).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def resize_command(adapter, out, dtype, force, as_json, policy, report, quiet) -> None:
+def resize_command(adapter, out, dtype, force, as_json, policy, report, fmt, quiet) -> None:
     """Truncate every module optimally (factor SVD) to a new rank, keeping its scale.
 
     Each module's delta is decomposed from its factors (QR + small SVD, no dense ΔW) and cut to the rank the
@@ -782,26 +793,30 @@ def resize_command(adapter, out, dtype, force, as_json, policy, report, quiet) -
     from loratools.operations import resize
 
     with progress_bar("resize", quiet) as update:
-        result = resize(adapter, out, policy, _torch_dtype(dtype), force, report, update)
+        result = resize(adapter, out, policy, _torch_dtype(dtype), force, report, update, fmt)
     _render_written(result, as_json, "resize: relative Frobenius error per layer (optimal for its rank)")
 
 
 @cli.command("convert")
 @click.argument("adapter", type=click.Path(exists=True))
 @_output_options
-@click.option("--format", "fmt", type=click.Choice(["peft", "kohya"]), required=True, help="Output format.")
+@click.option("--format", "fmt", type=click.Choice(["peft", "kohya", "diffusers"]), required=True,
+              help="Output format.")
 @click.option("--prefix", help="kohya key prefix, e.g. lora_unet_ (default: from each module's namespace).")
 @click.option("--base", type=click.Path(exists=True), help="The model the adapter is for (resolves kohya names).")
 def convert_command(adapter, out, dtype, force, as_json, fmt, prefix, base) -> None:
-    """Convert an adapter between PEFT and kohya formats; the deltas stay identical.
+    """Convert an adapter between PEFT, kohya and diffusers formats; the deltas stay identical.
 
-    kohya → PEFT needs dotted module names: files written by loratools carry them, others need --base.
+    kohya → PEFT or diffusers needs dotted module names: files written by loratools carry them, others need
+    --base. With --base, kohya and diffusers keys get the base's diffusers pipeline names.
 
     \b
     Examples:
       loratools convert fixtures/sd-lora-kohya.safetensors -o out/sd-peft --format peft \\
           --base fixtures/sd-base.safetensors
       loratools convert fixtures/llama-lora-peft -o out/llama.safetensors --format kohya
+      loratools convert fixtures/sd-lora-kohya.safetensors -o out/sd-diffusers --format diffusers \
+          --base fixtures/sd-base.safetensors
     """
     from loratools.operations import convert
 
