@@ -374,7 +374,7 @@ def extract(
             progress(total, total, "")
     result.adapter = _build_adapter(factors, full, plan, base)
     _finish_summary(result, out_dtype)
-    _note_unmapped(result, names)
+    _note_unmapped(result, names, format)
     if not result.adapter.modules and not result.adapter.full:
         raise LoratoolsError(
             f"{tuned}: no changed layers to extract against {base} ({result.unchanged} unchanged tensors,"
@@ -433,13 +433,23 @@ def _check_pipeline_names(plan: Plan, names: dict[str, str] | None, format: str)
                           f" {_names(odd)}); --exclude them, or use --format kohya")
 
 
-def _note_unmapped(result: ExtractResult, names: dict[str, str] | None) -> None:
+def _note_unmapped(result: ExtractResult, names: dict[str, str] | None, format: str) -> None:
     odd = _unmapped(list(result.adapter.modules), names)
     if odd:
         result.summary.notes.append(
             f"{len(odd)} layer(s) have no diffusers name and keep their original kohya names, which diffusers'"
             f" loader cannot map (A1111 and ComfyUI can): {_names(odd)}"
         )
+    if format != "kohya" or names is None:
+        return
+    for space in ("text_encoder.", "text_encoder_2."):  # diffusers reads kohya q/k/v keys only next to out_proj's
+        modules = [n for n in (names.get(m, m) for m in result.adapter.modules) if n.startswith(space)]
+        attention = [n for n in modules if n.endswith(("q_proj", "k_proj", "v_proj"))]
+        if attention and not any(n.endswith("out_proj") for n in modules):
+            result.summary.notes.append(
+                f"{space[:-1]}: attention LoRAs with none on out_proj ({_names(attention)}): diffusers' kohya loader"
+                " refuses or drops them; add the out_proj layers, or use --format diffusers"
+            )
 
 
 def _tuned_dtype(plan: Plan, tuned: TensorIndex) -> torch.dtype:

@@ -385,6 +385,9 @@ COMPONENT_CLASSES = {
     "CLIPTextModel": "text_encoder.",
     "CLIPTextModelWithProjection": "text_encoder_2.",
 }
+# transformers 5 saves CLIP text models without their ``text_model.`` wrapper; pipeline names keep it (every
+# loader maps it, and diffusers strips it again for a flat model).
+FLAT_CLIP_ROOTS = ("embeddings.", "encoder.")
 # Original (LDM / SGM) single-file namespaces -> pipeline namespace; None: the U-Net, renamed block by block.
 ORIGINAL_NAMESPACES = {
     "model.diffusion_model.": None,
@@ -497,7 +500,8 @@ def pipeline_names(tensor_names: list[str], config: dict | None = None) -> dict[
         original = next((s for s in ORIGINAL_NAMESPACES if module.startswith(s)), None)
         if original is None:
             if space is not None:
-                names[module] = space + module
+                flat = space.startswith("text_encoder") and module.startswith(FLAT_CLIP_ROOTS)
+                names[module] = space + ("text_model." if flat else "") + module
             continue
         target, rest = ORIGINAL_NAMESPACES[original], module[len(original):]
         if target is None:
