@@ -102,7 +102,7 @@ def save_adapter(
     extra = dict(metadata or {})
     out = Path(out)
     if format == "kohya":
-        tensors, kohya_meta = render_kohya(adapter, prefix=kohya_prefix, names=names)
+        tensors, kohya_meta = render_kohya(adapter, prefix=kohya_prefix, pipeline=names)
         with atomic_output(out, inputs, force) as tmp:
             write_safetensors(tensors, tmp, {**kohya_meta, **extra})
         return out

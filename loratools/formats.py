@@ -280,24 +280,24 @@ def resolve_kohya_names(adapter: Adapter, base_names: list[str]) -> Adapter:
 
 
 def render_kohya(
-    adapter: Adapter, prefix: str | None = None, names: dict[str, str] | None = None
+    adapter: Adapter, prefix: str | None = None, pipeline: dict[str, str] | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """kohya tensors (``lora_down``/``lora_up``/``alpha`` per module) and ``ss_*`` metadata for `adapter`.
 
-    `names` (from `pipeline_names`) gives modules the diffusers-layout name their key stem is made from; the
-    module's own name is what the metadata records, so the file reads back with it.
+    `pipeline` (from `pipeline_names`) gives modules the diffusers-layout name their key stem is made from;
+    the module's own name is what the metadata records, so the file reads back with it.
     """
-    names = names or {}
+    pipeline = pipeline or {}
     if adapter.full:
         raise FormatError(f"kohya format cannot hold full tensors ({', '.join(sorted(adapter.full))}); use --format peft")
     tensors: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
-    sdxl = any(names.get(n, n).startswith(("text_encoder_2.", "lora_te2_")) for n in adapter.modules)
+    sdxl = any(pipeline.get(n, n).startswith(("text_encoder_2.", "lora_te2_")) for n in adapter.modules)
     for module in adapter.modules.values():
         if module.kind in ("embedding", "conv1d"):
             raise FormatError(f"{module.name}: kohya format has no {module.kind} layout; use --format peft")
         module = module.with_plain_alpha()
-        stem = kohya_stem(names.get(module.name, module.name), prefix, sdxl)
+        stem = kohya_stem(pipeline.get(module.name, module.name), prefix, sdxl)
         if stem in names:
             raise FormatError(f"{module.name} and {names[stem]} both become kohya key {stem}; rename or use peft")
         names[stem] = module.name
@@ -417,7 +417,8 @@ UNET_RESNET_LAYERS = {
     "out_layers.3": "conv2",
     "skip_connection": "conv_shortcut",
 }
-_UNET_BLOCK = re.compile(r"(input_blocks|middle_block|output_blocks)\.(\d+)\.(\d+)\.(.+)$")
+_UNET_BLOCK = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.+)$")
+_UNET_MIDDLE = re.compile(r"middle_block\.(\d+)\.(.+)$")
 _UNET_INPUT_BLOCK = re.compile(r"input_blocks\.(\d+)\.0\.op$")
 
 # Default output format by input: (config classes, tensor-name prefixes, format, what the input is). First row
@@ -491,7 +492,7 @@ def pipeline_names(tensor_names: list[str], config: dict | None = None) -> dict[
     modules = [n[: -len(".weight")] for n in tensor_names if n.endswith(".weight")]
     space = COMPONENT_CLASSES.get(_config_class(config))
     downsamplers = sorted(int(m.group(1)) for n in modules if (m := _UNET_INPUT_BLOCK.search(n)))
-    per_block = downsamplers[0] if downsamplers else None  # input_blocks 1..per_block, then the downsampler
+    per_block = downsamplers[0] - 1 if downsamplers else None  # input_blocks 1..per_block, then the downsampler
     names: dict[str, str] = {}
     for module in modules:
         if module.startswith(DIFFUSERS_COMPONENTS):
@@ -520,13 +521,15 @@ def _diffusers_unet_name(name: str, per_block: int | None) -> str | None:
     """An original U-Net module name (after ``model.diffusion_model.``) in the diffusers layout, or None."""
     if name in UNET_TOP_LEVEL:
         return "unet." + UNET_TOP_LEVEL[name]
+    middle = _UNET_MIDDLE.match(name)
+    if middle is not None:
+        inner, rest = int(middle.group(1)), middle.group(2)
+        block = ("resnets.0", "attentions.0", "resnets.1")[inner] if inner < 3 else None
+        return f"unet.mid_block.{block}.{_resnet_layer(rest)}" if block else None
     match = _UNET_BLOCK.match(name)
     if match is None:
         return None
     kind, number, inner, rest = match.group(1), int(match.group(2)), int(match.group(3)), match.group(4)
-    if kind == "middle_block":
-        block = ("resnets.0", "attentions.0", "resnets.1")[inner] if inner < 3 else None
-        return f"unet.mid_block.{block}.{_resnet_layer(rest)}" if block else None
     if per_block is None:  # one down block and no downsampler: every input block is in block 0
         per_block = 1 << 30
     if kind == "input_blocks":
