@@ -17,8 +17,8 @@ Decisions:
   parameters (PEFT's ``modules_to_save`` loading needs the unchanged bias next to a changed weight).
 - A layer whose policy rank is 0 (e.g. ``--threshold`` above σ₁) is reported and left out of the adapter.
 - Without ``format``, `formats.default_format` picks it from the base checkpoint (kohya for Stable Diffusion
-  inputs, PEFT otherwise) and the summary says why. With kohya or diffusers, ``embeddings="lora"`` becomes
-  ``skip`` (neither layout has embeddings; changed ones are reported). kohya and diffusers keys use each module's diffusers pipeline name
+  inputs, PEFT otherwise) and the summary says why; a defaulted kohya / diffusers format only compares
+  embeddings (neither layout has them; changed ones are reported), a given one refuses embedding LoRAs. kohya and diffusers keys use each module's diffusers pipeline name
   (`formats.pipeline_names`: original single-file U-Nets renamed to the diffusers layout), which every
   Stable Diffusion loader maps; layers without one are named in a note.
 """
@@ -326,9 +326,9 @@ def extract(
         format_reason = f"{format}: given with --format"
         if format is None:
             format, format_reason = default_format(list(base_index.tensors), config)
-        if format != "peft" and embeddings == "lora":
-            embeddings = "skip"
-            format_reason += f" (embeddings compared only: {format} has no embedding layout)"
+            if format != "peft" and embeddings == "lora":
+                embeddings = "skip"
+                format_reason += f" (embeddings compared only: {format} has no embedding layout)"
         plan = plan_extract(base_index, tuned_index, include=include, exclude=exclude, embeddings=embeddings,
                             save_full=save_full, skip_mismatched=skip_mismatched)
         _check_format(plan, format)
