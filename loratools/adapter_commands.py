@@ -4,8 +4,9 @@ Each function loads its inputs, calls one algebra function, writes atomically wi
 an input, never over an existing output without ``force``) and returns an `AdapterResult` for the CLI.
 
 Decisions:
-- The output format defaults to the (first) input's format: kohya stays kohya, PEFT and diffusers-style
-  files are written as PEFT. `convert` is the way to change it.
+- The output format defaults to the (first) input's format (`formats.default_format`): kohya stays kohya,
+  diffusers stays diffusers (PEFT when its names are not pipeline names such as ``unet.…``), PEFT stays
+  PEFT; `format_reason` says which rule chose it. ``format`` (and `convert`) overrides it.
 - Adapters holding modules this tool cannot use (LoHa, LoKr, DoRA …) are refused rather than silently
   written without them.
 - Every written file records its provenance (`writer.provenance`: command, inputs, parameters).
@@ -24,7 +25,7 @@ from loratools.algebra import ModuleChange, combine_adapters, rescale_adapter, r
 from loratools.checkpoint import open_checkpoint
 from loratools.dtypes import DType, resolve_dtype
 from loratools.errors import FormatError
-from loratools.formats import KOHYA_PREFIXES
+from loratools.formats import KOHYA_PREFIXES, default_format, pipeline_names
 from loratools.matching import resolve_kohya_names
 from loratools.policies import RankPolicy
 from loratools.progress import Progress
@@ -44,6 +45,7 @@ class AdapterResult:
     ranks: list[int]
     layers: list[ModuleChange] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    format_reason: str = ""
 
     @property
     def max_error(self) -> float:
@@ -59,6 +61,7 @@ class AdapterResult:
             "max_error": self.max_error,
             "layers": [layer.to_json() for layer in self.layers],
             "notes": self.notes,
+            "format_reason": self.format_reason,
         }
 
 
@@ -66,25 +69,29 @@ def _write(
     adapter: Adapter,
     out: PathLike,
     *,
-    format: str,
+    chosen: tuple[str, str],
     inputs: Sequence[PathLike],
     force: bool,
     dtype: DType | None,
     metadata: dict[str, str],
     layers: Sequence[ModuleChange] = (),
     prefix: str | None = None,
+    names: dict[str, str] | None = None,
 ) -> AdapterResult:
-    path = save_adapter(
-        adapter, out, format=format, inputs=inputs, force=force, dtype=dtype, kohya_prefix=prefix, metadata=metadata
-    )
+    format, reason = chosen  # from _output_format
+    path = save_adapter(adapter, out, format=format, inputs=inputs, force=force, dtype=dtype, kohya_prefix=prefix,
+                        metadata=metadata, names=names)
     cast = resolve_dtype(dtype)
     written = adapter.to(cast) if cast is not None else adapter
     return AdapterResult(path, format, len(adapter.modules), written.num_parameters(), adapter.ranks, list(layers),
-                         list(adapter.notes))
+                         list(adapter.notes), reason)
 
 
-def _output_format(adapter: Adapter, format: str | None) -> str:
-    return check_format(format) if format else ("kohya" if adapter.format == "kohya" else "peft")
+def _output_format(adapter: Adapter, format: str | None) -> tuple[str, str]:
+    """(format, why): `format` when given, else the input adapter's (`default_format`)."""
+    if format is not None:
+        return check_format(format), f"{format}: given with --format"
+    return default_format(list(adapter.modules), adapter_format=adapter.format)
 
 
 def combine(
@@ -105,7 +112,7 @@ def combine(
         adapters: PEFT folders/files and kohya files, in any mix.
         weights: one per adapter (default 1 each).
         method: "concat" (exact, ranks add) or "svd" (recompressed; `policy`, default each layer's largest rank).
-        format: "peft" or "kohya" (default: the first adapter's).
+        format: "peft", "kohya" or "diffusers" (default: the first adapter's).
         dtype: the factors' dtype (default: the inputs' promoted dtype).
     Example:
         >>> combine(["style", "subject"], "both", weights=[0.7, 1.0], method="svd", policy=RankPolicy("rank", 16))
@@ -115,7 +122,7 @@ def combine(
                                         dtype=resolve_dtype(dtype), progress=progress)
     metadata = provenance("combine", adapters, {"method": method, "weights": list(weights or []),
                                                 "policy": policy.describe() if policy else None})
-    return _write(combined, out, format=_output_format(loaded[0], format), inputs=adapters, force=force, dtype=None,
+    return _write(combined, out, chosen=_output_format(loaded[0], format), inputs=adapters, force=force, dtype=None,
                   metadata=metadata, layers=layers)
 
 
@@ -125,15 +132,16 @@ def rescale(
     *,
     scale: float | None = None,
     alpha: float | None = None,
+    format: str | None = None,
     dtype: DType | None = None,
     force: bool = False,
 ) -> AdapterResult:
     """Write the adapter with every delta times `scale`, or with alpha set to `alpha` and deltas unchanged
-    (give exactly one)."""
+    (give exactly one); `format`: "peft", "kohya" or "diffusers" (default: the input's)."""
     loaded = load_usable(adapter)
     rescaled = rescale_adapter(loaded, scale=scale, alpha=alpha)
     metadata = provenance("rescale", [adapter], {"scale": scale, "alpha": alpha})
-    return _write(rescaled, out, format=_output_format(loaded, None), inputs=[adapter], force=force, dtype=dtype,
+    return _write(rescaled, out, chosen=_output_format(loaded, format), inputs=[adapter], force=force, dtype=dtype,
                   metadata=metadata)
 
 
@@ -142,6 +150,7 @@ def resize(
     out: PathLike,
     *,
     policy: RankPolicy,
+    format: str | None = None,
     dtype: DType | None = None,
     force: bool = False,
     report: PathLike | None = None,
@@ -150,6 +159,7 @@ def resize(
     """Write the adapter with each module optimally truncated to the rank `policy` chooses, scale preserved.
 
     Args:
+        format: "peft", "kohya" or "diffusers" (default: the input's).
         report: also write the result (per-layer ranks and errors) as JSON to this path; checked before the
             adapter is written.
     """
@@ -158,7 +168,7 @@ def resize(
     loaded = load_usable(adapter)
     resized, layers = resize_adapter(loaded, policy=policy, progress=progress)
     metadata = provenance("resize", [adapter], {"policy": policy.describe()})
-    result = _write(resized, out, format=_output_format(loaded, None), inputs=[adapter], force=force, dtype=dtype,
+    result = _write(resized, out, chosen=_output_format(loaded, format), inputs=[adapter], force=force, dtype=dtype,
                     metadata=metadata, layers=layers)
     if report is not None:
         write_json(report, result.to_json(), inputs=[adapter, out], force=force)
@@ -178,22 +188,25 @@ def convert(
     """Write the adapter in another format with identical deltas.
 
     Args:
-        format: "peft" or "kohya".
+        format: "peft", "kohya" or "diffusers".
         prefix: kohya key prefix (default: chosen from each module's namespace).
-        base: the model the adapter is for; resolves kohya stems to the dotted module names PEFT needs.
+        base: the model the adapter is for; resolves kohya stems to the dotted module names PEFT and diffusers
+            need, and gives kohya / diffusers keys the base's diffusers pipeline names (`pipeline_names`).
     """
     check_format(format)
     loaded = load_usable(adapter)
+    names = None
     if base is not None:
         with open_checkpoint(base) as index:
             loaded = resolve_kohya_names(loaded, index.tensors)
+            names = pipeline_names(list(index.tensors), index.config)
     stems = sorted(n for n in loaded.modules if n.startswith(KOHYA_PREFIXES))
-    if format == "peft" and stems:
+    if format in ("peft", "diffusers") and stems:
         where = f"match no tensor of {base}" if base is not None else "need the model to be resolved"
         raise FormatError(
             f"{adapter}: {len(stems)} kohya module name(s) {where} ({', '.join(stems[:3])}"
             f"{' ...' if len(stems) > 3 else ''}); pass --base with the model the adapter was made for"
         )
     metadata = provenance("convert", [adapter], {"format": format, "prefix": prefix})
-    return _write(loaded, out, format=format, inputs=[adapter], force=force, dtype=dtype, metadata=metadata,
-                  prefix=prefix)
+    return _write(loaded, out, chosen=_output_format(loaded, format), inputs=[adapter], force=force, dtype=dtype,
+                  metadata=metadata, prefix=prefix, names=names)

@@ -1,12 +1,13 @@
 """Adapter files on disk: a PEFT folder (``adapter_model.safetensors`` + ``adapter_config.json``), a bare PEFT
-safetensors file, a kohya / ComfyUI / diffusers-style single file.
+safetensors file, a kohya / ComfyUI / diffusers-style single file, a diffusers folder
+(``pytorch_lora_weights.safetensors``, as ``pipeline.save_lora_weights`` writes it).
 
 Decisions:
 - A bare PEFT file written here carries its ``adapter_config.json`` contents in the safetensors metadata key
   ``loratools_adapter_config``, so alpha survives without a config file. When reading a bare file without it,
   an ``adapter_config.json`` beside the file is used; otherwise alpha = rank is assumed and noted.
 - The output layout follows the path: a path ending in ``.safetensors`` is a single file, anything else a
-  PEFT folder. kohya is always a single file.
+  PEFT folder (diffusers: a folder holding ``pytorch_lora_weights.safetensors``). kohya is always a single file.
 """
 
 from __future__ import annotations
@@ -20,12 +21,21 @@ from loratools.adapter import Adapter
 from loratools.checkpoint import open_checkpoint
 from loratools.dtypes import DType, resolve_dtype
 from loratools.errors import CheckpointError, FormatError
-from loratools.formats import PEFT_CONFIG_KEY, parse, render_kohya, render_peft
+from loratools.formats import (
+    DIFFUSERS_METADATA_KEY,
+    DIFFUSERS_WEIGHTS,
+    NAME_MAP_KEY,
+    PEFT_CONFIG_KEY,
+    parse,
+    render_diffusers,
+    render_kohya,
+    render_peft,
+)
 from loratools.writer import atomic_output, write_safetensors
 
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_CONFIG = "adapter_config.json"
-WRITABLE_FORMATS = ("peft", "kohya")
+WRITABLE_FORMATS = ("peft", "kohya", "diffusers")
 
 
 def check_format(format: str) -> str:
@@ -40,11 +50,12 @@ def adapter_weights_path(path: Path) -> tuple[Path, Path | None]:
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
-        for weights in PEFT_WEIGHTS:
+        for weights in (*PEFT_WEIGHTS, DIFFUSERS_WEIGHTS):
             if (path / weights).is_file():
                 config = path / PEFT_CONFIG
                 return path / weights, config if config.is_file() else None
-        raise CheckpointError(f"{path}: folder holds no {' or '.join(PEFT_WEIGHTS)}; is it a PEFT adapter folder?")
+        raise CheckpointError(f"{path}: folder holds no {', '.join(PEFT_WEIGHTS)} or {DIFFUSERS_WEIGHTS};"
+                              " is it an adapter folder?")
     sibling = path.parent / PEFT_CONFIG
     return path, sibling if sibling.is_file() and path.name in PEFT_WEIGHTS else None
 
@@ -93,14 +104,17 @@ def save_adapter(
     dtype: DType | None = None,
     kohya_prefix: str | None = None,
     metadata: Mapping[str, str] | None = None,
+    names: dict[str, str] | None = None,
 ) -> Path:
-    """Write `adapter` atomically as a PEFT folder / file or a kohya file; returns the written path.
+    """Write `adapter` atomically as a PEFT folder / file, a kohya file or a diffusers folder / file; returns the
+    written path.
 
     Args:
-        format: "peft" or "kohya".
+        format: "peft", "kohya" or "diffusers".
         inputs: paths the output must not overwrite or sit inside.
         dtype: cast factors (not kohya alphas) to this dtype first.
         metadata: extra safetensors metadata strings (`writer.provenance` of the operation).
+        names: module name -> diffusers pipeline name (`formats.pipeline_names`), for kohya and diffusers keys.
     """
     check_format(format)
     cast = resolve_dtype(dtype)
@@ -109,9 +123,18 @@ def save_adapter(
     extra = dict(metadata or {})
     out = Path(out)
     if format == "kohya":
-        tensors, kohya_meta = render_kohya(adapter, prefix=kohya_prefix)
+        tensors, kohya_meta = render_kohya(adapter, prefix=kohya_prefix, pipeline=names)
         with atomic_output(out, inputs, force) as tmp:
             write_safetensors(tensors, tmp, {**kohya_meta, **extra})
+        return out
+    if format == "diffusers":
+        tensors = render_diffusers(adapter, names)
+        # scales are folded into B: alpha metadata read from a diffusers file would now be wrong
+        dropped = (NAME_MAP_KEY, PEFT_CONFIG_KEY, DIFFUSERS_METADATA_KEY)
+        diffusers_meta = {**{k: v for k, v in adapter.metadata.items() if k not in dropped}, **extra}
+        folder = out.suffix != ".safetensors"
+        with atomic_output(out, inputs, force, folder=folder) as tmp:
+            write_safetensors(tensors, tmp / DIFFUSERS_WEIGHTS if folder else tmp, diffusers_meta)
         return out
     tensors, config = render_peft(adapter)
     if out.suffix == ".safetensors":

@@ -17,6 +17,12 @@ Decisions:
   on a module that also gets a LoRA, which PEFT cannot load) fail fast. A module saved whole carries all its
   parameters (PEFT's ``modules_to_save`` loading needs the unchanged bias next to a changed weight).
 - A layer whose policy rank is 0 (e.g. ``--threshold`` above σ₁) is reported and left out of the adapter.
+- Without ``format``, `formats.default_format` picks it from the base checkpoint (kohya for Stable Diffusion
+  inputs, PEFT otherwise) and the summary says why; a defaulted kohya / diffusers format only compares
+  embeddings (neither layout has them; changed ones are reported), a given one refuses embedding LoRAs. kohya
+  and diffusers keys use each module's diffusers pipeline name (`formats.pipeline_names`: original
+  single-file U-Nets renamed to the diffusers layout), which every Stable Diffusion loader maps; layers
+  without one are named in a note.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ import os
 import resource
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
@@ -35,6 +41,7 @@ from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.deltas import TensorChange, layer_deltas, tensor_change
 from loratools.dtypes import OUTPUT_DTYPES, DType, dtype_name, resolve_dtype
 from loratools.errors import FormatError, LoratoolsError
+from loratools.formats import ORIGINAL_NAMESPACES, default_format, pipeline_names
 from loratools.linalg import pooled_rel_error
 from loratools.names import natural_key, short_list
 from loratools.plan import LayerPair, Pairing, Plan, Selection, WholeTensor, plan_extract
@@ -110,6 +117,7 @@ class ExtractSummary:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     kind_source: str = ""
+    format_reason: str = ""
     task_type: str | None = None
     pairing: Pairing = field(default_factory=Pairing)
     excluded: int = 0
@@ -159,7 +167,7 @@ def extract(
     conv_rank: int | None = None,
     selection: Selection = Selection(),
     svd: SvdSettings = SvdSettings(),
-    format: str = "peft",
+    format: str | None = None,
     dtype: DType | None = None,
     dry_run: bool = False,
     force: bool = False,
@@ -174,7 +182,7 @@ def extract(
         policy: rank policy for every layer; `conv_rank` overrides it with a fixed rank for conv2d layers.
         selection: which tensors; embeddings as LoRA, whole or skipped; --save-full patterns (`Selection`).
         svd: how each ΔW is factored (randomized or exact, seed, precision, device; `SvdSettings`).
-        format: ``peft`` or ``kohya``.
+        format: ``peft``, ``kohya`` or ``diffusers``; default from the base checkpoint (`default_format`).
         dtype: the written factors' dtype (``fp32``, ``fp16``, ``bf16`` or a torch dtype); default the tuned
             weights' dtype.
         dry_run: plan only (reads headers, no tensor data), write nothing.
@@ -192,7 +200,8 @@ def extract(
         >>> result.summary.rel_error, [layer.rank for layer in result.layers][:3]
     """
     started = time.perf_counter()
-    check_format(format)
+    if format is not None:
+        check_format(format)
     written_dtype = resolve_dtype(dtype)
     if conv_rank is not None and conv_rank < 1:
         raise LoratoolsError(f"--conv-rank {conv_rank} must be ≥ 1")
@@ -201,13 +210,22 @@ def extract(
     if report is not None:
         check_output(report, [base, tuned, out], force)
     with open_checkpoint(base) as base_index, open_checkpoint(tuned) as tuned_index:
+        config = base_index.config or tuned_index.config
+        format_reason = f"{format}: given with --format"
+        if format is None:
+            format, format_reason = default_format(list(base_index.tensors), config)
+            if format != "peft" and selection.embeddings == "lora":
+                selection = replace(selection, embeddings="skip")
+                format_reason += f" (embeddings compared only: {format} has no embedding layout)"
         plan = plan_extract(base_index, tuned_index, selection=selection)
         _check_plan_format(plan, format)
+        names = pipeline_names(list(base_index.tensors), config) if format != "peft" else None
+        _check_pipeline_names(plan, names, format)
         out_dtype = written_dtype or _tuned_dtype(plan, tuned_index)
         summary = ExtractSummary(
             base=str(base), tuned=str(tuned), output=str(out), format=format, dtype=dtype_name(out_dtype),
             rank_policy=_describe(policy, conv_rank), algorithm=svd.describe(), device=str(device),
-            kind_source=plan.kind_source, task_type=plan.task_type, pairing=plan.pairing,
+            kind_source=plan.kind_source, format_reason=format_reason, task_type=plan.task_type, pairing=plan.pairing,
             excluded=len(plan.excluded),
         )
         result = ExtractResult(plan, summary, dry_run=dry_run)
@@ -242,6 +260,7 @@ def extract(
             progress(total, total, "")
     adapter = result.adapter = _build_adapter(factors, full, plan, base)
     _finish_summary(result, adapter, out_dtype)
+    _note_unmapped(result, adapter, names, format)
     if not adapter.modules and not adapter.full:
         raise LoratoolsError(
             f"{tuned}: no changed layers to extract against {base} ({result.unchanged} unchanged tensors,"
@@ -250,7 +269,7 @@ def extract(
         )
     parameters = {"rank_policy": summary.rank_policy, "algorithm": summary.algorithm}
     save_adapter(adapter, out, format=format, inputs=[base, tuned], force=force, dtype=out_dtype,
-                 metadata=provenance("extract", [base, tuned], parameters))
+                 metadata=provenance("extract", [base, tuned], parameters), names=names)
     summary.seconds = time.perf_counter() - started
     summary.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if report is not None:
@@ -259,16 +278,47 @@ def extract(
 
 
 def _check_plan_format(plan: Plan, format: str) -> None:
-    if format != "kohya":
+    if format == "peft":
         return
     odd = [p for p in plan.pairs if p.kind in ("embedding", "conv1d")]
     if odd:
         fix = "--embeddings skip (or full with --format peft)" if odd[0].kind == "embedding" else "--format peft"
-        raise FormatError(f"{odd[0].tensor}: kohya has no {odd[0].kind} layout; use {fix}, or --exclude it")
+        raise FormatError(f"{odd[0].tensor}: {format} has no {odd[0].kind} layout; use {fix}, or --exclude it")
     saved = [w for w in plan.whole if w.save]
     if saved:
-        raise FormatError(f"{saved[0].tensor}: kohya files cannot hold whole tensors (--save-full/--embeddings full);"
-                          " use --format peft")
+        raise FormatError(f"{saved[0].tensor}: {format} files cannot hold whole tensors (--save-full/--embeddings"
+                          " full); use --format peft")
+
+
+def _unmapped(modules: list[str], names: dict[str, str] | None) -> list[str]:
+    """Original single-file modules that have no diffusers pipeline name."""
+    return [m for m in modules if names is not None and m not in names and m.startswith(tuple(ORIGINAL_NAMESPACES))]
+
+
+def _check_pipeline_names(plan: Plan, names: dict[str, str] | None, format: str) -> None:
+    odd = _unmapped([p.module for p in plan.pairs], names)
+    if format == "diffusers" and odd:
+        raise FormatError(f"{odd[0]}: no diffusers name for this original-layout layer ({len(odd)} such layers:"
+                          f" {short_list(odd)}); --exclude them, or use --format kohya")
+
+
+def _note_unmapped(result: ExtractResult, adapter: Adapter, names: dict[str, str] | None, format: str) -> None:
+    odd = _unmapped(list(adapter.modules), names)
+    if odd:
+        result.summary.notes.append(
+            f"{len(odd)} layer(s) have no diffusers name and keep their original kohya names, which diffusers'"
+            f" loader cannot map (A1111 and ComfyUI can): {short_list(odd)}"
+        )
+    if format != "kohya" or names is None:
+        return
+    for space in ("text_encoder.", "text_encoder_2."):  # diffusers reads kohya q/k/v keys only next to out_proj's
+        modules = [n for n in (names.get(m, m) for m in adapter.modules) if n.startswith(space)]
+        attention = [n for n in modules if n.endswith(("q_proj", "k_proj", "v_proj"))]
+        if attention and not any(n.endswith("out_proj") for n in modules):
+            result.summary.notes.append(
+                f"{space[:-1]}: attention LoRAs with none on out_proj ({short_list(attention)}): diffusers' kohya"
+                " loader refuses or drops them; add the out_proj layers, or use --format diffusers"
+            )
 
 
 def _tuned_dtype(plan: Plan, tuned: TensorIndex) -> torch.dtype:

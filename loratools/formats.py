@@ -212,6 +212,8 @@ def _build_modules(
             alpha = peft_pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
         elif "alpha" in roles:
             alpha = roles["alpha"].item()
+        elif fmt == "diffusers":  # diffusers' convention: alpha = rank unless its metadata says otherwise
+            alpha = diffusers_alpha(name, a.shape[0], metadata)
         else:
             alpha, assumed_alpha = a.shape[0], True
         try:
@@ -274,18 +276,25 @@ def kohya_stem(name: str, prefix: str | None = None, sdxl: bool = False) -> str:
     return prefix + name.replace(".", "_")
 
 
-def render_kohya(adapter: Adapter, prefix: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """kohya tensors (``lora_down``/``lora_up``/``alpha`` per module) and ``ss_*`` metadata for `adapter`."""
+def render_kohya(
+    adapter: Adapter, prefix: str | None = None, pipeline: dict[str, str] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """kohya tensors (``lora_down``/``lora_up``/``alpha`` per module) and ``ss_*`` metadata for `adapter`.
+
+    `pipeline` (from `pipeline_names`) gives modules the diffusers-layout name their key stem is made from;
+    the module's own name is what the metadata records, so the file reads back with it.
+    """
+    pipeline = pipeline or {}
     if adapter.full:
         raise FormatError(f"kohya format cannot hold full tensors ({', '.join(sorted(adapter.full))}); use --format peft")
     tensors: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
-    sdxl = is_sdxl(adapter.modules)
+    sdxl = is_sdxl(pipeline.get(n, n) for n in adapter.modules)
     for module in adapter.modules.values():
         if module.kind in ("embedding", "conv1d"):
             raise FormatError(f"{module.name}: kohya format has no {module.kind} layout; use --format peft")
         module = module.with_plain_alpha()
-        stem = kohya_stem(module.name, prefix, sdxl)
+        stem = kohya_stem(pipeline.get(module.name, module.name), prefix, sdxl)
         if stem in names:
             raise FormatError(f"{module.name} and {names[stem]} both become kohya key {stem}; rename or use peft")
         names[stem] = module.name
@@ -356,3 +365,234 @@ def render_peft(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict]:
 
 def _json_number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
+
+
+# ---- diffusers pipelines and Stable Diffusion checkpoints ---------------------------------------------------
+# The diffusers layout is what ``pipeline.save_lora_weights`` writes: ``<component>.<module>.lora_A.weight`` /
+# ``.lora_B.weight`` in ``pytorch_lora_weights.safetensors``. diffusers gives every module alpha = rank (scale
+# 1.0) unless the file's ``lora_adapter_metadata`` says otherwise, so each module's scale is folded into B.
+
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"
+DIFFUSERS_COMPONENTS = ("unet.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "transformer.")
+# config.json class of a model folder (diffusers ``_class_name`` or transformers ``architectures[0]``) -> the
+# component namespace its modules have in a Stable Diffusion pipeline's LoRA.
+COMPONENT_CLASSES = {
+    "UNet2DConditionModel": "unet.",
+    "CLIPTextModel": "text_encoder.",
+    "CLIPTextModelWithProjection": "text_encoder_2.",
+}
+# transformers 5 saves CLIP text models without their ``text_model.`` wrapper; pipeline names keep it (every
+# loader maps it, and diffusers strips it again for a flat model).
+FLAT_CLIP_ROOTS = ("embeddings.", "encoder.")
+# Original (LDM / SGM) single-file namespaces -> pipeline namespace; None: the U-Net, renamed block by block.
+ORIGINAL_NAMESPACES = {
+    "model.diffusion_model.": None,
+    "cond_stage_model.transformer.": "text_encoder.",
+    "conditioner.embedders.0.transformer.": "text_encoder.",
+    "conditioner.embedders.1.model.transformer.resblocks.": "text_encoder_2.text_model.encoder.layers.",
+}
+# OpenCLIP layer names (SDXL's second text encoder) -> transformers CLIP names; its fused q/k/v projection
+# (``attn.in_proj_weight``) is no LoRA layer at all.
+OPEN_CLIP_LAYERS = {"attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+# Original U-Net modules outside the numbered blocks -> diffusers names.
+UNET_TOP_LEVEL = {
+    "input_blocks.0.0": "conv_in",
+    "time_embed.0": "time_embedding.linear_1",
+    "time_embed.2": "time_embedding.linear_2",
+    "label_emb.0.0": "add_embedding.linear_1",
+    "label_emb.0.2": "add_embedding.linear_2",
+    "out.0": "conv_norm_out",
+    "out.2": "conv_out",
+}
+# Layers inside an original resnet block -> diffusers names (attention blocks keep theirs).
+UNET_RESNET_LAYERS = {
+    "in_layers.0": "norm1",
+    "in_layers.2": "conv1",
+    "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2",
+    "out_layers.3": "conv2",
+    "skip_connection": "conv_shortcut",
+}
+_UNET_BLOCK = re.compile(r"(input_blocks|output_blocks)\.(\d+)\.(\d+)\.(.+)$")
+_UNET_MIDDLE = re.compile(r"middle_block\.(\d+)\.(.+)$")
+_UNET_INPUT_BLOCK = re.compile(r"input_blocks\.(\d+)\.0\.op$")
+
+# Default output format by input: (config classes, tensor-name prefixes, format, what the input is). First row
+# whose class is config.json's, or one of whose prefixes starts a tensor name, wins.
+DEFAULT_FORMATS = (
+    (("UNet2DConditionModel",), ("down_blocks.", "mid_block.", "up_blocks."), "kohya", "a diffusers UNet"),
+    ((), ("conditioner.embedders.",), "kohya", "an SDXL single-file checkpoint (original SGM layout)"),
+    ((), ("model.diffusion_model.", "cond_stage_model."), "kohya", "a Stable Diffusion single-file checkpoint"
+     " (original LDM layout)"),
+    ((), ("unet.", "text_encoder.", "text_encoder_2."), "kohya", "a checkpoint with diffusers UNet / text-encoder"
+     " names"),
+    (("CLIPTextModel", "CLIPTextModelWithProjection"), ("text_model.encoder.",), "kohya",
+     "a CLIP text encoder (Stable Diffusion's)"),
+)
+FORMAT_USERS = {
+    "kohya": "kohya files load in A1111, ComfyUI, kohya sd-scripts and diffusers (load_lora_weights)",
+    "peft": "PEFT loads it (PeftModel.from_pretrained)",
+    "diffusers": "diffusers loads it (load_lora_weights)",
+}
+
+
+def _config_class(config: dict | None) -> str | None:
+    config = config or {}
+    return config.get("_class_name") or next(iter(config.get("architectures") or []), None)
+
+
+def default_format(tensor_names: list[str], config: dict | None = None, *,
+                   adapter_format: str | None = None) -> tuple[str, str]:
+    """The output format an input calls for, and why (a sentence for the user).
+
+    Args:
+        tensor_names: the input checkpoint's tensor names, or the input adapter's module names.
+        config: the checkpoint's ``config.json``, when it has one.
+        adapter_format: the input adapter's format, when the input is an adapter (combine, resize …).
+    Returns:
+        ("kohya" | "peft" | "diffusers", why). Adapters keep their format (diffusers only while every module is
+        under a pipeline component such as ``unet.``, else PEFT); Stable Diffusion checkpoints (diffusers UNet
+        or CLIP text-encoder folders, original single files, diffusers-named files) get kohya; others PEFT.
+
+    Example:
+        >>> default_format(["down_blocks.0.resnets.0.conv1.weight"], {"_class_name": "UNet2DConditionModel"})
+        ('kohya', 'kohya: the input is a diffusers UNet; kohya files load in A1111, ComfyUI, ...')
+    """
+    if adapter_format is not None:
+        fmt = adapter_format
+        if fmt == "diffusers" and not all(n.startswith(DIFFUSERS_COMPONENTS) for n in tensor_names):
+            return "peft", "peft: the input is a diffusers-style adapter without pipeline component names"
+        return fmt, f"{fmt}: the input adapter's format"
+    cls = _config_class(config)
+    for classes, prefixes, fmt, what in DEFAULT_FORMATS:
+        if cls in classes or any(name.startswith(prefixes) for name in tensor_names):
+            return fmt, f"{fmt}: the input is {what}; {FORMAT_USERS[fmt]}"
+    if (config or {}).get("architectures"):
+        return "peft", f"peft: the input is a transformers model ({cls}); {FORMAT_USERS['peft']}"
+    return "peft", f"peft: the input is not a Stable Diffusion layout; {FORMAT_USERS['peft']}"
+
+
+def pipeline_names(tensor_names: list[str], config: dict | None = None) -> dict[str, str]:
+    """Module name -> its name in a diffusers pipeline's LoRA (``unet.down_blocks.0…``), for every module whose
+    pipeline name is known.
+
+    Modules already under a component (``unet.`` …) keep their names; a model folder's modules get the
+    namespace of its config class (COMPONENT_CLASSES); original single-file names (``model.diffusion_model.``,
+    ``cond_stage_model.``, ``conditioner.embedders.``) are renamed to the diffusers layout, the U-Net's blocks
+    numbered from the checkpoint's own ``input_blocks`` (layers per block read from where the first
+    downsampler sits). Modules of no known layout (SDXL's fused q/k/v projection …) are left out.
+
+    Args:
+        tensor_names: every tensor name of the checkpoint (modules are the names ending ``.weight``).
+    """
+    modules = [n[: -len(".weight")] for n in tensor_names if n.endswith(".weight")]
+    cls = _config_class(config)
+    space = COMPONENT_CLASSES.get(cls) if cls is not None else None
+    downsamplers = sorted(int(m.group(1)) for n in modules if (m := _UNET_INPUT_BLOCK.search(n)))
+    per_block = downsamplers[0] - 1 if downsamplers else None  # input_blocks 1..per_block, then the downsampler
+    names: dict[str, str] = {}
+    for module in modules:
+        if module.startswith(DIFFUSERS_COMPONENTS):
+            names[module] = module
+            continue
+        original = next((s for s in ORIGINAL_NAMESPACES if module.startswith(s)), None)
+        if original is None:
+            if space is not None:
+                flat = space.startswith("text_encoder") and module.startswith(FLAT_CLIP_ROOTS)
+                names[module] = space + ("text_model." if flat else "") + module
+            continue
+        target, rest = ORIGINAL_NAMESPACES[original], module[len(original):]
+        if target is None:
+            renamed = _diffusers_unet_name(rest, per_block)
+        elif original.endswith("resblocks."):
+            number, _, layer = rest.partition(".")
+            renamed = f"{target}{number}.{OPEN_CLIP_LAYERS[layer]}" if layer in OPEN_CLIP_LAYERS else None
+        else:
+            renamed = target + rest
+        if renamed is not None:
+            names[module] = renamed
+    return names
+
+
+def _diffusers_unet_name(name: str, per_block: int | None) -> str | None:
+    """An original U-Net module name (after ``model.diffusion_model.``) in the diffusers layout, or None."""
+    if name in UNET_TOP_LEVEL:
+        return "unet." + UNET_TOP_LEVEL[name]
+    middle = _UNET_MIDDLE.match(name)
+    if middle is not None:
+        inner, rest = int(middle.group(1)), middle.group(2)
+        part = ("resnets.0", "attentions.0", "resnets.1")[inner] if inner < 3 else None
+        return f"unet.mid_block.{part}.{_resnet_layer(rest)}" if part else None
+    match = _UNET_BLOCK.match(name)
+    if match is None:
+        return None
+    kind, number, inner, rest = match.group(1), int(match.group(2)), int(match.group(3)), match.group(4)
+    if per_block is None:  # one down block and no downsampler: every input block is in block 0
+        per_block = 1 << 30
+    if kind == "input_blocks":
+        block, layer = divmod(number - 1, per_block + 1)
+        if rest == "op":
+            return f"unet.down_blocks.{block}.downsamplers.0.conv"
+        if inner >= 2:
+            return None
+        return f"unet.down_blocks.{block}.{('resnets', 'attentions')[inner]}.{layer}.{_resnet_layer(rest)}"
+    block, layer = divmod(number, per_block + 1)
+    if rest == "conv":  # the upsampler sits after the resnet (and the attention, if any)
+        return f"unet.up_blocks.{block}.upsamplers.0.conv"
+    if inner >= 2:
+        return None
+    return f"unet.up_blocks.{block}.{('resnets', 'attentions')[inner]}.{layer}.{_resnet_layer(rest)}"
+
+
+def _resnet_layer(rest: str) -> str:
+    return next((new + rest[len(old):] for old, new in UNET_RESNET_LAYERS.items()
+                 if rest == old or rest.startswith(old + ".")), rest)
+
+
+def render_diffusers(adapter: Adapter, names: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """diffusers tensors (``unet.<module>.lora_A.weight`` …, as ``save_lora_weights`` writes) for `adapter`.
+
+    Each module's scale is folded into its B (diffusers applies B·A with alpha = rank). Module names are
+    looked up in `names` (from `pipeline_names`) first; names outside any pipeline component get ``unet.``,
+    or ``text_encoder.`` for CLIP text-model names (``text_model.``).
+    Raises:
+        FormatError for full tensors, embedding / Conv1D layers, unresolved kohya stems and original
+        single-file names that have no diffusers name.
+    """
+    if adapter.full:
+        raise FormatError(f"diffusers format cannot hold full tensors ({', '.join(sorted(adapter.full))});"
+                          " use --format peft")
+    names = names or {}
+    tensors: dict[str, torch.Tensor] = {}
+    for module in adapter.modules.values():
+        if module.kind in ("embedding", "conv1d"):
+            raise FormatError(f"{module.name}: diffusers format has no {module.kind} layout; use --format peft")
+        name = names.get(module.name, module.name)
+        if name.startswith(KOHYA_PREFIXES):
+            raise FormatError(f"{name}: kohya module names must be resolved to dotted paths before writing diffusers"
+                              " (pass --base with the model the adapter was made for)")
+        if name.startswith(tuple(ORIGINAL_NAMESPACES) + ("conditioner.", "cond_stage_model.")):
+            raise FormatError(f"{name}: no diffusers name for this original-layout layer; --exclude it, or use"
+                              " --format kohya")
+        if not name.startswith(DIFFUSERS_COMPONENTS):
+            name = ("text_encoder." if name.startswith("text_model.") else "unet.") + name
+        key = f"{name}.lora_A.weight"
+        if key in tensors:
+            raise FormatError(f"{module.name}: two modules become diffusers key {key}; rename or use peft")
+        tensors[key] = module.A.contiguous()
+        tensors[f"{name}.lora_B.weight"] = (module.B * module.scale).contiguous()
+    return tensors
+
+
+def diffusers_alpha(name: str, rank: int, metadata: dict[str, str]) -> float:
+    """The plain alpha (scale · rank) diffusers gives module `name` (``unet.…``) of a file with this metadata:
+    its component's ``lora_alpha`` / ``alpha_pattern`` / ``use_rslora`` from ``lora_adapter_metadata``, or
+    alpha = rank (scale 1.0) when the file has none."""
+    config = json.loads(metadata.get(DIFFUSERS_METADATA_KEY) or "{}")
+    component = next((c for c in DIFFUSERS_COMPONENTS if name.startswith(c)), "")
+    local = {k[len(component):]: v for k, v in config.items() if k.startswith(component)} if component else config
+    if "lora_alpha" not in local:
+        return float(rank)
+    alpha = peft_pattern_value(local.get("alpha_pattern") or {}, name[len(component):], local["lora_alpha"])
+    return float(alpha) * (rank ** 0.5 if local.get("use_rslora") else 1.0)

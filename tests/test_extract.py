@@ -359,7 +359,7 @@ def test_existing_output_is_refused_before_any_work(tmp_path, monkeypatch):
     line = one_error_line(run_cli("extract", SD_BASE, SD_TUNED, "-o", tmp_path / "a", expect=2))
     assert "already exists" in line and "--force" in line
     monkeypatch.undo()
-    run_cli("extract", SD_BASE, SD_TUNED, "-o", tmp_path / "a", "--force", "--quiet")
+    run_cli("extract", SD_BASE, SD_TUNED, "-o", tmp_path / "a", "--force", "--quiet", "--format", "peft")
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import click
 
+from loratools.adapter_files import WRITABLE_FORMATS
 from loratools.cli.app import cli
 from loratools.cli.options import (
     Output,
@@ -23,25 +24,26 @@ from loratools.plan import Selection
 from loratools.policies import RankPolicy
 from loratools.rsvd import SvdSettings
 
-ADAPTER_FORMATS = click.Choice(["peft", "kohya"])
+ADAPTER_FORMATS = click.Choice(list(WRITABLE_FORMATS))
 
 
 @cli.command("extract")
 @click.argument("base")
 @click.argument("tuned")
-@write_options("A PEFT folder, or a .safetensors file (kohya / bare PEFT).",
+@write_options("A folder (PEFT, diffusers), or a .safetensors file (kohya / bare PEFT / diffusers).",
                "Written dtype (default: the tuned weights').")
 @rank_policy_options(default_rank=16)
 @click.option("--conv-rank", type=click.IntRange(min=1), help="Fixed rank for conv2d layers (default: the policy).")
 @selection_options(writes_adapter=True)
-@click.option("--format", "fmt", type=ADAPTER_FORMATS, default="peft", show_default=True,
-              help="PEFT folder (or file), or a kohya / A1111 / ComfyUI file.")
+@click.option("--format", "fmt", type=ADAPTER_FORMATS,
+              help="PEFT folder (or file), kohya / A1111 / ComfyUI file, or diffusers (load_lora_weights) folder or"
+                   " file [default: kohya for Stable Diffusion inputs, else peft].")
 @svd_options
 @click.option("--report", type=click.Path(dir_okay=False), help="Also write the report as JSON to this file.")
 @click.option("--dry-run", is_flag=True, help="Show the plan (from headers only) and stop.")
 @output_options
 def extract_command(base: str, tuned: str, out: str, dtype: str | None, force: bool, policy: RankPolicy,
-                    conv_rank: int | None, selection: Selection, fmt: str, svd: SvdSettings, report: str | None,
+                    conv_rank: int | None, selection: Selection, fmt: str | None, svd: SvdSettings, report: str | None,
                     dry_run: bool, output: Output) -> None:
     """Extract a LoRA adapter from the difference TUNED − BASE.
 
@@ -53,7 +55,8 @@ def extract_command(base: str, tuned: str, out: str, dtype: str | None, force: b
     Examples:
       loratools extract fixtures/llama-base fixtures/llama-tuned -o adapter --rank 8 --save-full '*norm*'
       loratools extract base/ tuned/ -o adapter --energy 0.9 --max-rank 64 --report report.json
-      loratools extract sd-base.safetensors sd-tuned.safetensors -o lora.safetensors --format kohya --conv-rank 8
+      loratools extract sd-base.safetensors sd-tuned.safetensors -o lora.safetensors --conv-rank 8
+      loratools extract unet-base/ unet-tuned/ -o lora --format diffusers
       loratools extract base/ tuned/ -o adapter --dry-run
     """
     from loratools.extract import extract
@@ -250,9 +253,10 @@ def combine_command(adapters: tuple[str, ...], out: str, dtype: str | None, forc
 @write_options()
 @click.option("--scale", type=float, help="Multiply every delta by S (alpha × S, factors unchanged).")
 @click.option("--alpha", type=float, help="Set alpha to A and keep every delta unchanged (B rescaled).")
+@click.option("--format", "fmt", type=ADAPTER_FORMATS, help="Output format (default: the input's).")
 @output_options
 def rescale_command(adapter: str, out: str, dtype: str | None, force: bool, scale: float | None,
-                    alpha: float | None, output: Output) -> None:
+                    alpha: float | None, fmt: str | None, output: Output) -> None:
     """Scale an adapter's deltas (--scale S) or change its alpha keeping the deltas (--alpha A).
 
     \b
@@ -263,7 +267,7 @@ def rescale_command(adapter: str, out: str, dtype: str | None, force: bool, scal
     from loratools.adapter_commands import rescale
 
     run(output, "rescale",
-        lambda _: rescale(adapter, out, scale=scale, alpha=alpha, dtype=dtype, force=force), show_written)
+        lambda _: rescale(adapter, out, scale=scale, alpha=alpha, format=fmt, dtype=dtype, force=force), show_written)
 
 
 @cli.command("resize")
@@ -271,9 +275,10 @@ def rescale_command(adapter: str, out: str, dtype: str | None, force: bool, scal
 @write_options()
 @rank_policy_options(default_rank=None)
 @click.option("--report", type=click.Path(dir_okay=False), metavar="FILE.json", help="Also write the report as JSON.")
+@click.option("--format", "fmt", type=ADAPTER_FORMATS, help="Output format (default: the input's).")
 @output_options
 def resize_command(adapter: str, out: str, dtype: str | None, force: bool, policy: RankPolicy, report: str | None,
-                   output: Output) -> None:
+                   fmt: str | None, output: Output) -> None:
     """Truncate every module optimally (factor SVD) to a new rank, keeping its scale.
 
     Each module's delta is decomposed from its factors (QR + small SVD, no dense ΔW) and cut to the rank the
@@ -289,7 +294,7 @@ def resize_command(adapter: str, out: str, dtype: str | None, force: bool, polic
 
     title = "resize: relative Frobenius error per layer (optimal for its rank)"
     run(output, "resize", lambda progress: resize(
-        adapter, out, policy=policy, dtype=dtype, force=force, report=report, progress=progress,
+        adapter, out, policy=policy, format=fmt, dtype=dtype, force=force, report=report, progress=progress,
     ), lambda result, quiet: show_written(result, quiet, title))
 
 
@@ -302,15 +307,18 @@ def resize_command(adapter: str, out: str, dtype: str | None, force: bool, polic
 @output_options
 def convert_command(adapter: str, out: str, dtype: str | None, force: bool, fmt: str, prefix: str | None,
                     base: str | None, output: Output) -> None:
-    """Convert an adapter between PEFT and kohya formats; the deltas stay identical.
+    """Convert an adapter between PEFT, kohya and diffusers formats; the deltas stay identical.
 
-    kohya → PEFT needs dotted module names: files written by loratools carry them, others need --base.
+    kohya → PEFT or diffusers needs dotted module names: files written by loratools carry them, others need
+    --base. With --base, kohya and diffusers keys get the base's diffusers pipeline names.
 
     \b
     Examples:
       loratools convert fixtures/sd-lora-kohya.safetensors -o out/sd-peft --format peft \\
           --base fixtures/sd-base.safetensors
       loratools convert fixtures/llama-lora-peft -o out/llama.safetensors --format kohya
+      loratools convert fixtures/sd-lora-kohya.safetensors -o out/sd-diffusers --format diffusers \\
+          --base fixtures/sd-base.safetensors
     """
     from loratools.adapter_commands import convert
 

@@ -94,6 +94,8 @@ def show_extract(result: ExtractResult, quiet: bool) -> None:
     console.print(f"adapter {s.adapter_bytes / 1e6:.2f} MB vs full delta {s.full_delta_bytes / 1e6:.2f} MB"
                   f" ({ratio:.1f}× smaller); {s.seconds:.1f} s, peak RSS {s.peak_rss_bytes / 1e6:.0f} MB")
     console.print(f"{s.algorithm}; layer kinds: {s.kind_source}")
+    if s.format_reason:
+        console.print(f"note: format {s.format_reason}")
 
 
 def _extract_tables(console: Console, result: ExtractResult) -> None:
@@ -349,6 +351,8 @@ def show_written(result: AdapterResult, quiet: bool, layers_title: str | None = 
     if result.layers:
         line += f"; max relative error {result.max_error:.3e}"
     click.echo(line)
+    if result.format_reason:
+        click.echo(f"note: format {result.format_reason}")
 
 
 def show_merge(result: MergeResult, quiet: bool) -> None:
