@@ -1,4 +1,6 @@
-"""Shared test fixtures: paths to the committed fixtures, a CLI runner, small model builders."""
+"""Pytest setup: paths to the committed fixtures, the hypothesis profiles, a CLI runner fixture.
+
+Helpers that tests call (strategies, checks, model builders, `run_cli`) live in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -33,40 +35,3 @@ settings.load_profile("loratools")
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
-
-
-def run_cli(*args: str, expect: int = 0):
-    """Invoke the loratools CLI in-process; assert the exit code; return the click Result."""
-    from loratools.cli import cli
-
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == expect, f"exit {result.exit_code}, expected {expect}\n{result.output}"
-    return result
-
-
-def llama_from(folder: Path):
-    """Load a fixture Llama with transformers (fp32, eval mode)."""
-    import transformers
-
-    model = transformers.LlamaForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32)
-    return model.eval()
-
-
-def logits(model, ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Logits of a fixed batch of token ids."""
-    if ids is None:
-        ids = torch.arange(2 * 12).reshape(2, 12) % 250 + 3
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def tiny_random_llama(seed: int):
-    """A randomly initialised LlamaForCausalLM (hidden 32, 2 layers, GQA, vocab 64), seeded."""
-    import transformers
-
-    config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64, max_position_embeddings=32,
-    )
-    torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config)

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loratools.adapter import KINDS, Adapter, LoraModule
+from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_commands import combine, resize
 from loratools.adapter_files import load_adapter, save_adapter
 from loratools.algebra import (
@@ -22,46 +22,21 @@ from loratools.algebra import (
     set_alpha,
 )
 from loratools.errors import FormatError, LoratoolsError, OutputError, ShapeError
-from loratools.linalg import relative_error
 from loratools.policies import RankPolicy
-from tests.conftest import LLAMA_BASE, LLAMA_PEFT, SD_BASE, SD_KOHYA, llama_from, logits, run_cli
+from tests.conftest import LLAMA_BASE, LLAMA_PEFT, SD_BASE, SD_KOHYA
+from tests.helpers import layers, llama_from, logits, lora_modules, peft_logits, random_module, rel, run_cli
 
 SETTINGS = settings(max_examples=30, deadline=None)
 F64 = torch.float64
-
-
-def make_module(name: str, kind: str, shape: tuple[int, ...], rank: int, alpha: float, seed: int,
-                rslora: bool = False) -> LoraModule:
-    """A random fp64 module for a base weight of `shape` (in that kind's own layout)."""
-    gen = torch.Generator().manual_seed(seed)
-    if kind == "conv2d":
-        a, b = torch.randn(rank, *shape[1:], generator=gen), torch.randn(shape[0], rank, 1, 1, generator=gen)
-    elif kind in ("embedding", "conv1d"):
-        a, b = torch.randn(rank, shape[0], generator=gen), torch.randn(shape[1], rank, generator=gen)
-    else:
-        a, b = torch.randn(rank, shape[1], generator=gen), torch.randn(shape[0], rank, generator=gen)
-    return LoraModule(name, a.to(F64), b.to(F64), alpha, kind, rslora=rslora)
-
-
-@st.composite
-def layers(draw) -> tuple[str, tuple[int, ...]]:
-    kind = draw(st.sampled_from(KINDS))
-    rows, cols = draw(st.integers(1, 7)), draw(st.integers(1, 7))
-    if kind == "conv2d":
-        k = draw(st.sampled_from([1, 3]))
-        return kind, (rows, cols, k, k)
-    return kind, (rows, cols)
+ALPHAS = st.floats(0.25, 32)
 
 
 @st.composite
 def modules_of_one_layer(draw, max_count: int = 3) -> list[LoraModule]:
-    kind, shape = draw(layers())
-    count = draw(st.integers(1, max_count))
-    return [
-        make_module("m", kind, shape, draw(st.integers(1, 5)), draw(st.floats(0.25, 32)), draw(st.integers(0, 10**6)),
-                    draw(st.booleans()))
-        for _ in range(count)
-    ]
+    """1..max_count random fp64 modules (own rank, alpha, rsLoRA flag) of one drawn layer: summable deltas."""
+    module = lora_modules(layer=draw(layers(sizes=(1, 7))), ranks=(1, 5), alphas=ALPHAS, rslora=(False, True),
+                          dtypes=(F64,))
+    return draw(st.lists(module, min_size=1, max_size=max_count))
 
 
 weights = st.floats(-2, 2).filter(lambda w: abs(w) > 1e-3)
@@ -115,13 +90,13 @@ def test_svd_recompression_error_is_the_optimal_error_of_the_exact_sum(modules, 
     assert module.rank == report.rank_out <= rank
     optimal = dense_optimal_error(exact, module.kind, module.rank)
     assert report.error == pytest.approx(optimal, abs=1e-6)
-    assert relative_error(exact, module.delta(F64)) == pytest.approx(optimal, abs=1e-6)
+    assert rel(module.delta(F64), exact) == pytest.approx(optimal, abs=1e-6)
 
 
 def test_combine_covers_different_module_sets():
     shape = (6, 5)
-    a1 = Adapter({n: make_module(n, "linear", shape, 2, 4.0, i) for i, n in enumerate(["x", "y"])})
-    a2 = Adapter({n: make_module(n, "linear", shape, 3, 3.0, 10 + i) for i, n in enumerate(["y", "z"])})
+    a1 = Adapter({n: random_module(n, "linear", *shape, 2, alpha=4.0, seed=i, dtype=F64) for i, n in enumerate("xy")})
+    a2 = Adapter({n: random_module(n, "linear", *shape, 3, alpha=3.0, seed=10 + i, dtype=F64) for i, n in enumerate("yz")})
     combined, reports = combine_adapters([a1, a2], weights=[0.5, 2.0])
     assert list(combined.modules) == ["x", "y", "z"]
     torch.testing.assert_close(combined.modules["x"].delta(F64), 0.5 * a1.modules["x"].delta(F64))
@@ -132,8 +107,8 @@ def test_combine_covers_different_module_sets():
 
 
 def test_combine_refuses_what_it_cannot_do():
-    a = Adapter({"x": make_module("x", "linear", (4, 4), 2, 2.0, 0)})
-    b = Adapter({"x": make_module("x", "conv2d", (4, 4, 1, 1), 2, 2.0, 1)})
+    a = Adapter({"x": random_module("x", "linear", 4, 4, 2, alpha=2.0, seed=0, dtype=F64)})
+    b = Adapter({"x": random_module("x", "conv2d", 4, 4, 2, alpha=2.0, seed=1, dtype=F64)})
     with pytest.raises(ShapeError, match="different models"):
         combine_adapters([a, b])
     with pytest.raises(LoratoolsError, match="choose concat or svd"):
@@ -161,7 +136,7 @@ def test_rescale_scales_deltas_and_alpha_keeps_them(modules, scale, alpha):
 
 
 def test_rescale_adapter_rules():
-    adapter = Adapter({"x": make_module("x", "linear", (3, 3), 2, 2.0, 0)}, full={"h.weight": torch.ones(2)})
+    adapter = Adapter({"x": random_module("x", "linear", 3, 3, 2, alpha=2.0, dtype=F64)}, full={"h.weight": torch.ones(2)})
     scaled = rescale_adapter(adapter, scale=3.0)
     assert scaled.full["h.weight"].equal(torch.ones(2)) and "kept unscaled" in scaled.notes[-1]
     for bad in ({"scale": 0.0}, {"alpha": 0.0}, {"scale": float("nan")}):
@@ -201,7 +176,7 @@ def test_resize_error_is_the_optimal_truncation_error_of_the_dense_delta(modules
     dense = module.delta(F64)
     optimal = dense_optimal_error(dense, module.kind, resized.rank)
     assert report.error == pytest.approx(optimal, abs=1e-6)
-    assert relative_error(dense, resized.delta(F64)) == pytest.approx(optimal, abs=1e-6)
+    assert rel(resized.delta(F64), dense) == pytest.approx(optimal, abs=1e-6)
     assert resized.alpha / resized.rank == pytest.approx(module.scale, rel=1e-12)  # scale preserved
     if policy.kind == "max_error":
         assert report.error <= policy.value + 1e-6
@@ -231,7 +206,7 @@ def test_resize_cli_table_report_and_format(tmp_path):
         name = layer["name"]
         optimal = dense_optimal_error(original.modules[name].delta(), original.modules[name].kind, 2)
         assert layer["error"] == pytest.approx(optimal, abs=1e-5)
-        assert relative_error(original.modules[name].delta(), small.modules[name].delta()) == pytest.approx(
+        assert rel(small.modules[name].delta(), original.modules[name].delta()) == pytest.approx(
             optimal, abs=2e-3)  # fp16 factors
     result = run_cli("resize", LLAMA_PEFT, "-o", tmp_path / "e", "--energy", "0.98", "--json")
     assert json.loads(result.output)["ranks"] == [3]
@@ -307,10 +282,10 @@ def test_rescale_cli(tmp_path):
 
 @pytest.mark.parametrize("option", [("--scale", "-0.5"), ("--alpha", "3")])
 def test_rescaled_adapter_loads_in_peft_and_matches_a_merge(tmp_path, option):
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     run_cli("rescale", LLAMA_PEFT, "-o", tmp_path / "r", *option)
     run_cli("merge", LLAMA_BASE, LLAMA_PEFT, "-o", tmp_path / "m", "--weight", "-0.5" if option[0] == "--scale" else "1")
-    with_peft = logits(peft.PeftModel.from_pretrained(llama_from(LLAMA_BASE), str(tmp_path / "r")).eval())
+    with_peft = peft_logits(LLAMA_BASE, tmp_path / "r")
     torch.testing.assert_close(with_peft, logits(llama_from(tmp_path / "m")), rtol=0, atol=1e-4)
     assert not torch.allclose(with_peft, logits(llama_from(LLAMA_BASE)), atol=1e-3)
 

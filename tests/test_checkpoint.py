@@ -48,9 +48,11 @@ def test_listing_reads_no_tensor_data(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("tensor data was read")
 
+    expected = sum(t.numel() * t.element_size() for t in reference_state(LLAMA_BASE).values())  # via safetensors
     monkeypatch.setattr(TensorIndex, "get", refuse)
     with open_checkpoint(LLAMA_BASE) as ckpt:
         assert ckpt.nbytes() == sum(i.nbytes for i in ckpt.tensors.values()) > 0
+        assert ckpt.nbytes() == expected
 
 
 def test_prefetch_reads_exactly_the_tensor_bytes_in_the_background(monkeypatch):

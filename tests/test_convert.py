@@ -15,36 +15,22 @@ from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_commands import convert
 from loratools.adapter_files import load_adapter, save_adapter
 from loratools.errors import FormatError
-from tests.conftest import LLAMA_BASE, LLAMA_PEFT, SD_BASE, SD_KOHYA, run_cli
+from tests.conftest import LLAMA_BASE, LLAMA_PEFT, SD_BASE, SD_KOHYA
+from tests.helpers import adapters, assert_same_deltas, lora_modules, run_cli
 
 NAMESPACES = ("unet.down_blocks.{i}.proj", "text_encoder.layers.{i}.q_proj", "model.layers.{i}.mlp.up_proj")
 
 
-@st.composite
-def peft_adapters(draw) -> Adapter:
-    modules = {}
-    for i in range(draw(st.integers(1, 3))):
-        name = draw(st.sampled_from(NAMESPACES)).format(i=i)
-        rows, cols, rank = draw(st.integers(1, 6)), draw(st.integers(1, 6)), draw(st.integers(1, 4))
-        conv = draw(st.booleans())
-        gen = torch.Generator().manual_seed(draw(st.integers(0, 10**6)))
-        if conv:
-            a, b = torch.randn(rank, cols, 3, 3, generator=gen), torch.randn(rows, rank, 1, 1, generator=gen)
-        else:
-            a, b = torch.randn(rank, cols, generator=gen), torch.randn(rows, rank, generator=gen)
-        alpha = float(draw(st.integers(1, 64)))
-        modules[name] = LoraModule(name, a, b, alpha, "conv2d" if conv else "linear")
-    return Adapter(modules)
-
-
-def assert_same_deltas(ours: Adapter, reference: Adapter) -> None:
-    assert sorted(ours.modules) == sorted(reference.modules)
-    for name, module in reference.modules.items():
-        torch.testing.assert_close(ours.modules[name].delta(), module.delta(), rtol=1e-6, atol=1e-7)
+# linear or 3×3 conv2d layers (both layouts kohya holds), fp32, integer alphas, under three namespaces
+PEFT_ADAPTERS = adapters(
+    lora_modules(kinds=("linear", "conv2d"), sizes=(1, 6), ranks=(1, 4), kernels=(3,),
+                 alphas=st.integers(1, 64).map(float)),
+    names=NAMESPACES, count=(1, 3),
+)
 
 
 @settings(max_examples=30, deadline=None)
-@given(peft_adapters(), st.booleans())
+@given(PEFT_ADAPTERS, st.booleans())
 def test_peft_to_kohya_to_peft_preserves_deltas(adapter, rslora):
     adapter.modules = {n: LoraModule(n, m.A, m.B, m.alpha, m.kind, rslora=rslora) for n, m in adapter.modules.items()}
     with tempfile.TemporaryDirectory() as tmp:

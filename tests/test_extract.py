@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from loratools.adapter import base_layout, lora_matrix
 from loratools.adapter_files import load_adapter
 from loratools.checkpoint import TensorIndex
 from loratools.deltas import layer_deltas
@@ -27,11 +26,8 @@ from tests.conftest import (
     LLAMA_TUNED_BF16,
     SD_BASE,
     SD_TUNED,
-    llama_from,
-    logits,
-    run_cli,
 )
-from tests.test_plan import make_gpt2_pair
+from tests.helpers import llama_from, logits, make_gpt2_pair, peft_logits, rel, run_cli, write_checkpoint_pair
 
 
 def rank_r_pair(folder: Path, rank: int = 3) -> tuple[Path, Path, dict[str, torch.Tensor]]:
@@ -48,20 +44,19 @@ def rank_r_pair(folder: Path, rank: int = 3) -> tuple[Path, Path, dict[str, torc
     tuned = dict(base)
     deltas = {}
     for name, (shape, kind) in layers.items():
-        rows = shape[1] if kind in ("conv1d", "embedding") else shape[0]
-        cols = shape[0] if kind in ("conv1d", "embedding") else int(torch.Size(shape[1:]).numel())
+        transposed = kind in ("conv1d", "embedding")
+        rows = shape[1] if transposed else shape[0]
+        cols = shape[0] if transposed else math.prod(shape[1:])
         matrix = torch.randn(rows, rank, generator=gen) @ torch.randn(rank, cols, generator=gen)
-        deltas[name.rsplit(".", 1)[0]] = delta = base_layout(matrix, kind, shape).contiguous()
+        deltas[name.rsplit(".", 1)[0]] = delta = (matrix.T if transposed else matrix.reshape(shape)).contiguous()
         base[name] = torch.randn(shape, generator=gen)
         tuned[name] = base[name] + delta
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(base, str(folder / "base.safetensors"))
-    save_file(tuned, str(folder / "tuned.safetensors"))
-    return folder / "base.safetensors", folder / "tuned.safetensors", deltas
+    return *write_checkpoint_pair(folder, base, tuned), deltas
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+def as_lora_matrix(delta: torch.Tensor, kind: str) -> torch.Tensor:
+    """The (rows, cols) LoRA matrix of a base-layout delta, from the layout table (not loratools' own helper)."""
+    return delta.T if kind in ("conv1d", "embedding") else delta.reshape(delta.shape[0], -1)
 
 
 # ---- exact recovery ----------------------------------------------------------------------------------------
@@ -77,7 +72,7 @@ def test_rank_r_delta_is_recovered_for_every_layer_kind(tmp_path, exact):
     written = load_adapter(tmp_path / "out")  # PEFT's fan_in_fan_out is one flag: compare LoRA matrices
     for name, delta in deltas.items():
         b, a = written.modules[name].factors()
-        assert rel(written.modules[name].scale * b @ a, lora_matrix(delta, kinds[name])) < 1e-5, name
+        assert rel(written.modules[name].scale * b @ a, as_lora_matrix(delta, kinds[name])) < 1e-5, name
         assert rel(result.adapter.modules[name].delta(), delta) < 1e-5, name
     assert all(layer.rel_error < 1e-5 and layer.rank == 3 for layer in result.layers)
     assert result.unchanged == 2  # the bias and the norm
@@ -121,13 +116,6 @@ def test_reused_workspace_gives_the_same_deltas_and_reads_ahead(tmp_path, monkey
 # ---- PEFT interop: the adapter on the base model reproduces the tuned model ------------------------------------
 
 
-def peft_logits(base: Path, adapter: Path) -> torch.Tensor:
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(llama_from(base), str(adapter)).eval()
-    return logits(model)
-
-
 def check_logits_match(base: Path, tuned: Path, out: Path, report: dict) -> float:
     """Relative logit error of base+adapter vs tuned, measured against the whole fine-tuning effect."""
     want, start = logits(llama_from(tuned)), logits(llama_from(base))
@@ -139,6 +127,7 @@ def check_logits_match(base: Path, tuned: Path, out: Path, report: dict) -> floa
 
 
 def test_peft_loads_fp32_extraction_and_matches_tuned_logits(tmp_path):
+    pytest.importorskip("peft")
     out, report = tmp_path / "adapter", tmp_path / "report.json"
     run_cli("extract", LLAMA_BASE, LLAMA_TUNED, "-o", out, "--rank", "8", "--save-full", "*norm*",
             "--report", report, "--quiet")
@@ -152,6 +141,7 @@ def test_peft_loads_fp32_extraction_and_matches_tuned_logits(tmp_path):
 
 
 def test_full_rank_extraction_reproduces_the_tuned_model(tmp_path):
+    pytest.importorskip("peft")
     out, report = tmp_path / "adapter", tmp_path / "report.json"
     run_cli("extract", LLAMA_BASE, LLAMA_TUNED, "-o", out, "--rank", "64", "--save-full", "*norm*", "--report", report,
             "--quiet")
@@ -159,6 +149,7 @@ def test_full_rank_extraction_reproduces_the_tuned_model(tmp_path):
 
 
 def test_peft_loads_dynamic_ranks_from_sharded_bf16_checkpoints(tmp_path):
+    pytest.importorskip("peft")
     out, report = tmp_path / "adapter", tmp_path / "report.json"
     run_cli("extract", LLAMA_BASE_BF16, LLAMA_TUNED_BF16, "-o", out, "--energy", "0.98", "--max-rank", "24",
             "--save-full", "*norm*", "--report", report, "--quiet")
@@ -181,8 +172,8 @@ def test_without_save_full_changed_norms_are_reported_not_saved(tmp_path):
 
 
 def test_gpt2_conv1d_extraction_loads_in_peft(tmp_path):
-    import transformers
-    from peft import PeftModel
+    transformers = pytest.importorskip("transformers")
+    PeftModel = pytest.importorskip("peft").PeftModel
 
     base, tuned = make_gpt2_pair(tmp_path)
     out = tmp_path / "adapter"
@@ -294,10 +285,7 @@ def small_pair(folder: Path, change: dict[str, torch.Tensor], drop: tuple[str, .
     gen = torch.Generator().manual_seed(3)
     base = {f"blocks.{i}.proj.weight": torch.randn(6, 5, generator=gen) for i in range(3)}
     tuned = {k: v for k, v in base.items() if k not in drop} | change
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(base, str(folder / "base.safetensors"))
-    save_file(tuned, str(folder / "tuned.safetensors"))
-    return folder / "base.safetensors", folder / "tuned.safetensors"
+    return write_checkpoint_pair(folder, base, tuned)
 
 
 def one_error_line(result) -> str:
@@ -366,10 +354,9 @@ def test_existing_output_is_refused_before_any_work(tmp_path, monkeypatch):
 def test_saving_the_bias_of_a_lora_layer_whole_is_refused(tmp_path):
     base = {"lin.weight": torch.zeros(4, 3), "lin.bias": torch.zeros(4)}
     tuned = {"lin.weight": torch.ones(4, 3), "lin.bias": torch.ones(4)}
-    save_file(base, str(tmp_path / "b.safetensors"))
-    save_file(tuned, str(tmp_path / "t.safetensors"))
+    b, t = write_checkpoint_pair(tmp_path, base, tuned)
     with pytest.raises(LoratoolsError, match="lin.bias.*modules_to_save"):
-        extract(tmp_path / "b.safetensors", tmp_path / "t.safetensors", tmp_path / "a", selection=Selection(save_full=("*.bias",)))
+        extract(b, t, tmp_path / "a", selection=Selection(save_full=("*.bias",)))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

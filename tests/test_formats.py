@@ -16,46 +16,16 @@ from loratools.adapter_files import load_adapter, save_adapter
 from loratools.errors import FormatError
 from loratools.formats import detect_format, kohya_stem, parse, render_kohya, render_peft
 from loratools.matching import resolve_kohya_names
-from tests.conftest import LLAMA_PEFT, SD_BASE, SD_KOHYA, tiny_random_llama
+from tests.conftest import LLAMA_PEFT, SD_BASE, SD_KOHYA
+from tests.helpers import adapters, assert_same_deltas, lora_modules, tiny_random_llama
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-@st.composite
-def modules(draw, kinds=("linear", "conv2d", "embedding", "conv1d")):
-    """A random LoraModule of a drawn kind, shape, rank, alpha and dtype."""
-    kind = draw(st.sampled_from(kinds))
-    rank = draw(st.integers(1, 6))
-    rows, cols = draw(st.integers(1, 12)), draw(st.integers(1, 12))
-    seed = draw(st.integers(0, 2**16))
-    gen = torch.Generator().manual_seed(seed)
-    if kind == "conv2d":
-        k = draw(st.sampled_from([1, 3]))
-        a, b = torch.randn(rank, cols, k, k, generator=gen), torch.randn(rows, rank, 1, 1, generator=gen)
-    else:
-        a, b = torch.randn(rank, cols, generator=gen), torch.randn(rows, rank, generator=gen)
-    alpha = draw(st.sampled_from([1.0, 4.0, 8.0, 2.5, 16.0]))
-    return kind, a, b, alpha
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@st.composite
-def adapters(draw, kinds=("linear", "conv2d", "embedding", "conv1d")):
-    dtype = DTYPES[draw(st.sampled_from(sorted(DTYPES)))]
-    drawn = draw(st.lists(modules(kinds), min_size=1, max_size=4))
-    mods = {}
-    for n, (kind, a, b, alpha) in enumerate(drawn):
-        name = f"model.layers.{n}.block.proj"
-        mods[name] = LoraModule(name, a.to(dtype), b.to(dtype), alpha, kind)
-    return Adapter(mods)
-
-
-def assert_same_deltas(left: Adapter, right: Adapter) -> None:
-    assert set(left.modules) == set(right.modules)
-    for name, module in left.modules.items():
-        other = right.modules[name]
-        assert other.kind == module.kind and other.rank == module.rank
-        assert other.A.dtype == module.A.dtype
-        torch.testing.assert_close(other.delta(), module.delta(), rtol=1e-6, atol=1e-7)
+def format_adapters(kinds: tuple[str, ...]):
+    """1..4 modules of the given kinds, one dtype drawn for the whole adapter (as a file holds one)."""
+    modules = lora_modules(kinds=kinds, sizes=(1, 12), ranks=(1, 6), alphas=st.sampled_from([1.0, 4.0, 8.0, 2.5, 16.0]))
+    return adapters(modules, names=("model.layers.{i}.block.proj",), count=(1, 4), dtypes=DTYPES)
 
 
 def round_trip(tmp_path_factory, adapter: Adapter, fmt: str, filename: str) -> Adapter:
@@ -63,26 +33,26 @@ def round_trip(tmp_path_factory, adapter: Adapter, fmt: str, filename: str) -> A
     out = tmp_path_factory.mktemp("rt") / filename
     save_adapter(adapter, out, format=fmt)
     back = load_adapter(out)
-    assert_same_deltas(adapter, back)
+    assert_same_deltas(back, adapter, same_layout=True)
     return back
 
 
 @settings(max_examples=25, deadline=None)
-@given(adapter=adapters(kinds=("linear", "conv2d", "embedding")))
+@given(adapter=format_adapters(kinds=("linear", "conv2d", "embedding")))
 def test_peft_folder_round_trip(tmp_path_factory, adapter):
     # PEFT has one fan_in_fan_out flag per adapter, so Conv1D layers are drawn in their own test below.
     assert round_trip(tmp_path_factory, adapter, "peft", "adapter").format == "peft"
 
 
 @settings(max_examples=10, deadline=None)
-@given(adapter=adapters(kinds=("conv1d",)))
+@given(adapter=format_adapters(kinds=("conv1d",)))
 def test_peft_round_trip_conv1d_sets_fan_in_fan_out(tmp_path_factory, adapter):
     back = round_trip(tmp_path_factory, adapter, "peft", "adapter.safetensors")
     assert back.config["fan_in_fan_out"] is True
 
 
 @settings(max_examples=25, deadline=None)
-@given(adapter=adapters(kinds=("linear", "conv2d")))
+@given(adapter=format_adapters(kinds=("linear", "conv2d")))
 def test_kohya_round_trip(tmp_path_factory, adapter):
     assert round_trip(tmp_path_factory, adapter, "kohya", "adapter.safetensors").format == "kohya"
 
@@ -255,7 +225,7 @@ def test_kohya_written_here_converts_back_to_dotted_names(tmp_path):
     out = save_adapter(adapter, tmp_path / "k.safetensors", format="kohya")
     back = load_adapter(out)
     assert set(back.modules) == set(adapter.modules)
-    assert_same_deltas(adapter, back)
+    assert_same_deltas(back, adapter, same_layout=True)
 
 
 def test_peft_created_adapter_parses_to_identical_deltas(tmp_path):

@@ -7,10 +7,8 @@ import torch
 
 from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_files import load_adapter, save_adapter
-from tests.conftest import LLAMA_BASE, LLAMA_PEFT, llama_from, logits
-
-peft = pytest.importorskip("peft")
-pytest.importorskip("transformers")
+from tests.conftest import LLAMA_BASE, LLAMA_PEFT
+from tests.helpers import llama_from, logits, peft_logits
 
 
 def logits_with_deltas(adapter: Adapter) -> torch.Tensor:
@@ -25,14 +23,10 @@ def logits_with_deltas(adapter: Adapter) -> torch.Tensor:
     return logits(model)
 
 
-def peft_logits(adapter_path) -> torch.Tensor:
-    model = peft.PeftModel.from_pretrained(llama_from(LLAMA_BASE), str(adapter_path))
-    return logits(model.eval())
-
-
 def test_fixture_adapter_loads_in_peft():
+    pytest.importorskip("peft")
     adapter = load_adapter(LLAMA_PEFT)
-    torch.testing.assert_close(peft_logits(LLAMA_PEFT), logits_with_deltas(adapter), rtol=0, atol=1e-5)
+    torch.testing.assert_close(peft_logits(LLAMA_BASE, LLAMA_PEFT), logits_with_deltas(adapter), rtol=0, atol=1e-5)
 
 
 def mixed_adapter() -> Adapter:
@@ -55,11 +49,13 @@ def mixed_adapter() -> Adapter:
 
 
 def test_written_adapter_with_mixed_ranks_embedding_and_full_tensor_loads_in_peft(tmp_path):
+    pytest.importorskip("peft")
     adapter = mixed_adapter()
     out = save_adapter(adapter, tmp_path / "mixed", format="peft")
     expected = logits_with_deltas(adapter)
-    torch.testing.assert_close(peft_logits(out), expected, rtol=0, atol=1e-5)
-    assert (peft_logits(out) - logits(llama_from(LLAMA_BASE))).abs().max() > 1e-2  # the adapter does something
+    got = peft_logits(LLAMA_BASE, out)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    assert (got - logits(llama_from(LLAMA_BASE))).abs().max() > 1e-2  # the adapter does something
 
 
 def test_bare_peft_file_keeps_alpha(tmp_path):

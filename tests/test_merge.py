@@ -1,5 +1,6 @@
 """merge: equals PEFT's merge_and_unload (Llama fp32 / bf16, GPT-2 Conv1D, embeddings, modules_to_save), the
-kohya SD fixture merges into sd-tuned, the sharded writer, file layout and bad input."""
+kohya SD fixture merges into sd-tuned, dtype and shards of the output, file layout and bad input.
+The writer's own tests (streaming, shard layout, sizes) are in test_writer.py."""
 
 from __future__ import annotations
 
@@ -13,24 +14,12 @@ from safetensors.torch import load_file
 from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_files import load_adapter, save_adapter
 from loratools.checkpoint import open_checkpoint
-from loratools.errors import LoratoolsError, ShapeError
+from loratools.errors import ShapeError
+from loratools.extract import extract
 from loratools.merge import merge
 from loratools.policies import RankPolicy
-from loratools.writer import TensorSpec, parse_size, shard_layout, stream_safetensors
-from tests.conftest import (
-    LLAMA_BASE,
-    LLAMA_BASE_BF16,
-    LLAMA_PEFT,
-    LLAMA_TUNED,
-    SD_BASE,
-    SD_KOHYA,
-    SD_TUNED,
-    llama_from,
-    run_cli,
-)
-
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+from tests.conftest import LLAMA_BASE, LLAMA_BASE_BF16, LLAMA_PEFT, LLAMA_TUNED, SD_BASE, SD_KOHYA, SD_TUNED
+from tests.helpers import llama_from, run_cli
 
 
 def read_model(path) -> dict[str, torch.Tensor]:
@@ -44,6 +33,7 @@ def max_abs_diff(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tenso
 
 
 def peft_merged_state(base_model, adapter_path) -> dict[str, torch.Tensor]:
+    peft = pytest.importorskip("peft")
     merged = peft.PeftModel.from_pretrained(base_model, str(adapter_path)).merge_and_unload()
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
@@ -52,6 +42,7 @@ def peft_merged_state(base_model, adapter_path) -> dict[str, torch.Tensor]:
 
 
 def test_merge_equals_peft_merge_and_unload_fp32(tmp_path):
+    pytest.importorskip("peft")
     out = tmp_path / "merged"
     result = run_cli("merge", LLAMA_BASE, LLAMA_PEFT, "-o", out)
     assert "merged 14 LoRA module(s)" in result.output
@@ -65,6 +56,8 @@ def test_merge_equals_peft_merge_and_unload_fp32(tmp_path):
 
 
 def test_merge_equals_peft_bf16_sharded(tmp_path):
+    pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
     out = tmp_path / "merged"
     run_cli("merge", LLAMA_BASE_BF16, LLAMA_PEFT, "-o", out)
     base_files = sorted(p.name for p in LLAMA_BASE_BF16.iterdir())
@@ -84,6 +77,7 @@ def test_merge_equals_peft_bf16_sharded(tmp_path):
 
 
 def test_merge_equals_peft_with_embedding_rslora_patterns_and_modules_to_save(tmp_path):
+    peft = pytest.importorskip("peft")
     torch.manual_seed(0)
     config = peft.LoraConfig(
         r=4,
@@ -115,6 +109,8 @@ def test_merge_equals_peft_with_embedding_rslora_patterns_and_modules_to_save(tm
 
 
 def test_merge_equals_peft_on_gpt2_conv1d(tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     gpt2_config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=16)
     transformers.GPT2LMHeadModel(gpt2_config).save_pretrained(str(tmp_path / "base"))
@@ -152,9 +148,8 @@ def test_kohya_sd_fixture_merges_into_sd_tuned(tmp_path):
 
 
 def test_merge_of_full_rank_extract_gives_tuned(tmp_path):
-    extract = pytest.importorskip("loratools.extract")
     adapter = tmp_path / "full-rank"
-    extract.extract(LLAMA_BASE, LLAMA_TUNED, adapter, policy=RankPolicy("rank", 128))
+    extract(LLAMA_BASE, LLAMA_TUNED, adapter, policy=RankPolicy("rank", 128))
     loaded = load_adapter(adapter)
     covered = {f"{name}.weight" for name in loaded.modules} | set(loaded.full)
     assert {f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1)} <= covered
@@ -180,6 +175,7 @@ def test_weights_scale_each_adapter(tmp_path):
 
 
 def test_dtype_and_shard_size_resplit_and_load_in_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
     out = tmp_path / "merged"
     result = run_cli("merge", LLAMA_BASE, LLAMA_PEFT, "-o", out, "--dtype", "bf16", "--shard-size", "100KB", "--json")
     report = json.loads(result.output)
@@ -229,35 +225,6 @@ def test_progress_reports_every_tensor(tmp_path):
     assert sorted(c[2] for c in calls) == sorted(read_model(LLAMA_BASE))
 
 
-def test_stream_writer_round_trips_and_checks_what_it_is_given(tmp_path):
-    tensors = {
-        "b": torch.randn(3, 5).to(torch.bfloat16),
-        "a": torch.arange(6, dtype=torch.int64).reshape(2, 3),
-        "scalar": torch.tensor(2.5),
-        "half": torch.randn(4).half(),
-        "flag": torch.tensor([True, False]),
-    }
-    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
-    stream_safetensors(tmp_path / "x.safetensors", specs, lambda s: tensors[s.name], {"k": "v"})
-    back = load_file(str(tmp_path / "x.safetensors"))
-    assert all(torch.equal(back[n], t) for n, t in tensors.items())
-    with pytest.raises(ValueError, match="header says"):
-        stream_safetensors(tmp_path / "y.safetensors", specs, lambda s: tensors[s.name].float())
-
-
-def test_shard_layout_and_sizes():
-    specs = [TensorSpec(f"t{i}", (10,), torch.float32) for i in range(5)]  # 40 bytes each
-    assert list(shard_layout(specs, 1000)) == ["model.safetensors"]
-    layout = shard_layout(specs, 80)
-    assert list(layout) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
-    assert [len(v) for v in layout.values()] == [2, 2, 1]
-    assert [len(v) for v in shard_layout(specs, 10).values()] == [1] * 5  # too big: one tensor per shard
-    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size("1024") == 1024
-    for bad in ("five", "3XB", "0"):
-        with pytest.raises(LoratoolsError, match="is not a size"):
-            parse_size(bad)
-
-
 # ---- bad input --------------------------------------------------------------------------------------------
 
 
@@ -291,6 +258,8 @@ def test_output_rules(tmp_path):
 
 
 def test_merge_equals_peft_when_linear_and_conv1d_layers_share_one_fan_in_fan_out_flag(tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
     # PEFT writes one fan_in_fan_out flag per adapter and decides per layer from the module class: GPT-2's
     # lm_head is a Linear among Conv1D layers. The base shapes must settle each layer's layout here too.
     torch.manual_seed(1)

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from loratools import plan as plan_module
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import LoratoolsError, ShapeError
 from loratools.plan import Mismatch, Selection
 from tests.conftest import LLAMA_BASE, LLAMA_TUNED, SD_BASE, SD_TUNED
+from tests.helpers import make_gpt2_pair, write_checkpoint_pair
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -24,31 +23,6 @@ def plan_for(base, tuned, **options):
 
     with open_checkpoint(base) as b, open_checkpoint(tuned) as t:
         return plan_extract(b, t, selection=Selection(**options))
-
-
-def make_gpt2_pair(folder: Path, *, delta_rank: int = 3, seed: int = 0) -> tuple[Path, Path]:
-    """A tiny GPT-2 (HF Conv1D layers) saved by transformers, and a tuned copy = base + a rank-`delta_rank`
-    delta on every Conv1D weight (in the model's (in, out) layout) + a changed final norm."""
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(
-        n_embd=32, n_layer=2, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
-    )
-    model = transformers.GPT2LMHeadModel(config).eval()
-    base, tuned = folder / "gpt2-base", folder / "gpt2-tuned"
-    model.save_pretrained(base)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for module in model.modules():
-            if type(module).__name__ == "Conv1D":
-                n_in, n_out = module.weight.shape
-                b = torch.randn(n_in, delta_rank, generator=gen) * 0.1
-                a = torch.randn(delta_rank, n_out, generator=gen) * 0.1
-                module.weight += b @ a
-        model.transformer.ln_f.weight += 0.05
-    model.save_pretrained(tuned)
-    return base, tuned
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +48,6 @@ def test_llama_pairs_every_projection_and_lists_norms_as_whole_tensors():
         f"model.layers.{i}.{n}.weight" for i in range(2) for n in ("input_layernorm", "post_attention_layernorm")
     }
     assert not any(w.save for w in whole.values())
-    assert plan.kind_source == "name/shape heuristics (llama modeling code has no Conv1D layers)"
     assert plan.task_type == "CAUSAL_LM"
     assert plan.pairing.only_in_base == plan.pairing.only_in_tuned == plan.pairing.mismatched == []
 
@@ -88,7 +61,14 @@ def test_pair_shapes_and_lora_matrix_shapes():
     assert down.tensor == "model.layers.0.mlp.down_proj.weight" and down.matrix_shape == (64, 128)
 
 
+def test_llama_kinds_come_from_heuristics_as_its_modeling_code_has_no_conv1d():
+    pytest.importorskip("transformers")  # the modeling source is read from the installed transformers
+    plan = plan_for(LLAMA_BASE, LLAMA_TUNED)
+    assert plan.kind_source == "name/shape heuristics (llama modeling code has no Conv1D layers)"
+
+
 def test_heuristics_agree_with_transformers_on_llama(monkeypatch):
+    pytest.importorskip("transformers")
     with monkeypatch.context() as patch:
         patch.setattr(plan_module, "_modeling_source_lacks_conv1d", lambda model_type: False)
         with_model = plan_for(LLAMA_BASE, LLAMA_TUNED)
@@ -133,17 +113,10 @@ def test_plain_words_match_as_substrings():
 # ---- matching problems ----------------------------------------------------------------------------------------
 
 
-def write_pair(folder: Path, base: dict, tuned: dict) -> tuple[Path, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(base, str(folder / "base.safetensors"))
-    save_file(tuned, str(folder / "tuned.safetensors"))
-    return folder / "base.safetensors", folder / "tuned.safetensors"
-
-
 def test_shape_mismatch_is_an_error_unless_skipped(tmp_path):
     base = {"embed.weight": torch.zeros(10, 4), "proj.weight": torch.zeros(4, 4)}
     tuned = {"embed.weight": torch.zeros(12, 4), "proj.weight": torch.ones(4, 4)}
-    b, t = write_pair(tmp_path, base, tuned)
+    b, t = write_checkpoint_pair(tmp_path, base, tuned)
     with pytest.raises(ShapeError) as info:
         plan_for(b, t)
     message = str(info.value)
@@ -157,13 +130,13 @@ def test_shape_mismatch_is_an_error_unless_skipped(tmp_path):
 def test_names_in_one_checkpoint_only_are_listed(tmp_path):
     base = {"a.weight": torch.zeros(4, 4), "old.weight": torch.zeros(4, 4)}
     tuned = {"a.weight": torch.ones(4, 4), "new.weight": torch.zeros(4, 4)}
-    plan = plan_for(*write_pair(tmp_path, base, tuned))
+    plan = plan_for(*write_checkpoint_pair(tmp_path, base, tuned))
     assert plan.pairing.only_in_base == ["old.weight"] and plan.pairing.only_in_tuned == ["new.weight"]
     assert [p.module for p in plan.pairs] == ["a"]
 
 
 def test_checkpoints_with_no_common_names_are_refused(tmp_path):
-    b, t = write_pair(tmp_path, {"a.weight": torch.zeros(2, 2)}, {"b.weight": torch.zeros(2, 2)})
+    b, t = write_checkpoint_pair(tmp_path, {"a.weight": torch.zeros(2, 2)}, {"b.weight": torch.zeros(2, 2)})
     with pytest.raises(LoratoolsError, match="no tensor names in common"):
         plan_for(b, t)
 
@@ -208,12 +181,13 @@ def test_conv1d_heuristic_reads_the_bias_shape(tmp_path):
         "blk.lin.weight": torch.zeros(24, 8), "blk.lin.bias": torch.zeros(24),  # (out, in): a Linear
         "other.fc.weight": torch.zeros(8, 8), "other.fc.bias": torch.zeros(8),  # square: follows its leaf name
     }
-    plan = plan_for(*write_pair(tmp_path, base, base))
+    plan = plan_for(*write_checkpoint_pair(tmp_path, base, base))
     assert {p.module: p.kind for p in plan.pairs} == {"blk.fc": "conv1d", "blk.lin": "linear", "other.fc": "conv1d"}
     assert "bias" in next(p for p in plan.pairs if p.module == "blk.fc").why
 
 
 def test_layer_kinds_follow_the_module_types_of_the_architecture(monkeypatch):
+    pytest.importorskip("transformers")
     from loratools.plan import layer_kinds
 
     monkeypatch.setattr(plan_module, "_modeling_source_lacks_conv1d", lambda model_type: False)
@@ -225,6 +199,7 @@ def test_layer_kinds_follow_the_module_types_of_the_architecture(monkeypatch):
 
 
 def test_architectures_without_conv1d_skip_the_model_build():
+    pytest.importorskip("transformers")
     from loratools.plan import _modeling_source_lacks_conv1d
 
     assert _modeling_source_lacks_conv1d("llama") and _modeling_source_lacks_conv1d("mistral")
@@ -246,11 +221,12 @@ def test_planning_reads_no_tensor_data(monkeypatch):
 
 def test_pairs_come_in_natural_order(tmp_path):
     base = {f"layers.{i}.proj.weight": torch.zeros(2, 2) for i in (10, 2, 1)}
-    plan = plan_for(*write_pair(tmp_path, base, base))
+    plan = plan_for(*write_checkpoint_pair(tmp_path, base, base))
     assert [p.module for p in plan.pairs] == ["layers.1.proj", "layers.2.proj", "layers.10.proj"]
 
 
 def test_an_architecture_transformers_does_not_know_falls_back_to_heuristics():
+    pytest.importorskip("transformers")
     from loratools.plan import layer_kinds
 
     kinds, source = layer_kinds({"blk.embed_tokens.weight": (10, 4), "blk.proj.weight": (4, 4)},

@@ -18,33 +18,28 @@ from loratools.spectral import (
     stable_rank,
     top_energy_fraction,
 )
+from tests.helpers import lora_modules
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# any kind and dtype; the rank may exceed min(rows, cols) (then the spectrum is shorter); alphas tied to the rank too
+MODULES = lora_modules(dtypes=(torch.float32, torch.float16, torch.bfloat16), sizes=(1, 12), ranks=(1, 9),
+                       alphas=lambda rank: st.sampled_from([1.0, 8.0, 0.5 * rank]), rslora=(False, True))
 
 
-@st.composite
-def lora_modules(draw) -> LoraModule:
-    """A random module of any kind and dtype; rank may exceed min(out, in) (then the spectrum is shorter)."""
-    kind = draw(st.sampled_from(["linear", "conv2d", "embedding", "conv1d"]))
-    dtype = DTYPES[draw(st.sampled_from(list(DTYPES)))]
-    rows, cols, rank = draw(st.integers(1, 12)), draw(st.integers(1, 12)), draw(st.integers(1, 9))
-    seed = draw(st.integers(0, 2**16))
-    gen = torch.Generator().manual_seed(seed)
-    if kind == "conv2d":
-        k = draw(st.sampled_from([1, 3]))
-        a = torch.randn(rank, cols, k, k, generator=gen)
-        b = torch.randn(rows, rank, 1, 1, generator=gen)
-    else:
-        a, b = torch.randn(rank, cols, generator=gen), torch.randn(rows, rank, generator=gen)
-    alpha = draw(st.sampled_from([1.0, 8.0, 0.5 * rank]))
-    return LoraModule("m", a.to(dtype), b.to(dtype), alpha, kind, rslora=draw(st.booleans()))
+def entropy_rank(values: list[float]) -> float:
+    """exp(−Σ p log p) with p = σ / Σσ over the nonzero σ, by a plain loop (0 for an all-zero spectrum)."""
+    total = math.fsum(values)
+    if total == 0:
+        return 0.0
+    return math.exp(-math.fsum(v / total * math.log(v / total) for v in values if v > 0))
 
 
 @settings(max_examples=30, deadline=None)
-@given(lora_modules())
+@given(MODULES)
 def test_factor_spectrum_equals_svdvals_of_dense_delta(module):
-    dense = module.delta(torch.float64)  # the base-layout ΔW: transposed for embedding/conv1d, 4-D for conv2d
-    expected = torch.linalg.svdvals(dense.reshape(dense.shape[0], -1))
+    # ΔW by hand from the factors, as the LoRA matrix (transposing embedding/conv1d changes no singular value)
+    b, a = module.B.double().reshape(module.B.shape[0], -1), module.A.double().reshape(module.A.shape[0], -1)
+    scale = module.alpha / (math.sqrt(module.rank) if module.rslora else module.rank)
+    expected = torch.linalg.svdvals(scale * b @ a)
     got = module_singular_values(module)
     k = min(module.rank, *expected.shape)
     assert got.dtype == torch.float32 and got.shape == (k,)
@@ -92,7 +87,36 @@ def test_spectrum_stats_top_quarter_rounds_up_the_rank():
     assert stats.sigma1 == 3.0
     assert stats.top_quarter_energy == pytest.approx(13 / 16)
     assert stats.stable_rank == pytest.approx(16 / 9)
-    assert stats.effective_rank == pytest.approx(effective_rank(s))
+    # p = (3, 2, 1, 1, 1) / 8
+    expected = math.exp(-(3 / 8 * math.log(3 / 8) + 2 / 8 * math.log(2 / 8) + 3 * (1 / 8 * math.log(1 / 8))))
+    assert stats.effective_rank == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 7, 64])
+def test_flat_spectrum_of_k_values_has_effective_rank_k(k):
+    s = torch.full((k,), 0.37)
+    assert effective_rank(s) == pytest.approx(k, rel=1e-12)
+    assert spectrum_stats(s, rank=k).effective_rank == pytest.approx(k, rel=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_one_nonzero_value_has_effective_rank_one(k):
+    s = torch.zeros(k)
+    s[0] = 2.5
+    assert effective_rank(s) == 1.0
+    assert spectrum_stats(s, rank=k).effective_rank == 1.0
+    assert spectrum_stats(torch.zeros(k), rank=k).effective_rank == 0.0
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.one_of(st.just(0.0), st.floats(1e-6, 100.0)), min_size=1, max_size=16), st.integers(1, 16))
+def test_effective_rank_is_exp_of_the_entropy_of_sigma_over_its_sum(values, rank):
+    s = torch.tensor(sorted(values, reverse=True), dtype=torch.float64)
+    expected = entropy_rank(values)
+    assert effective_rank(s) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert spectrum_stats(s, rank=rank).effective_rank == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    nonzero = sum(v > 0 for v in values)  # from 1 (one direction) to the count of nonzero values (flat)
+    assert effective_rank(s) == 0.0 if nonzero == 0 else 1 - 1e-9 <= effective_rank(s) <= nonzero + 1e-9
 
 
 def test_sparkline_is_log_scaled_and_resampled():

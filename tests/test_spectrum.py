@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 from loratools.errors import LoratoolsError
 from loratools.rsvd import SvdSettings
 from loratools.spectrum import rank_spectrum
-from tests.conftest import LLAMA_BASE, LLAMA_TUNED, SD_BASE, SD_TUNED, run_cli
+from tests.conftest import LLAMA_BASE, LLAMA_TUNED, SD_BASE, SD_TUNED
+from tests.helpers import run_cli, write_pair_with_spectra
 
 
 def dense_truncation_errors(base_path, tuned_path, tensor: str, transpose: bool = False) -> torch.Tensor:
@@ -40,6 +41,9 @@ def test_llama_sweep_errors_match_full_svd_truncations(exact):
             assert layer.rel_error(r) == pytest.approx(float(expected[r]), rel=tol, abs=1e-6)
         tail = 1 - float((layer.singular_values.double() ** 2).sum()) / layer.total_energy
         assert layer.tail_energy == pytest.approx(max(0.0, tail), abs=1e-6)
+        # and against the dense SVD: the energy share beyond the values kept is expected[k]²
+        true_tail = float(expected[len(layer.singular_values)]) ** 2
+        assert layer.tail_energy == pytest.approx(true_tail, rel=1e-4 if exact else 2e-2, abs=1e-6)
     changed_whole = {change.name for change in report.changed_whole}
     assert "model.norm.weight" in changed_whole and "model.layers.0.input_layernorm.weight" in changed_whole
 
@@ -61,21 +65,6 @@ def test_sd_conv_layers_exact_rank_and_sizes():
     assert report.changed_whole == [] and report.unchanged == 4  # biases are equal in base and tuned
 
 
-def write_pair(tmp_path, spectra: dict[str, list[float]]):
-    """A base/tuned pair of (24, 20) linear layers whose deltas have exactly the given singular values."""
-    gen = torch.Generator().manual_seed(3)
-    base, tuned = {}, {}
-    for name, values in spectra.items():
-        u, _ = torch.linalg.qr(torch.randn(24, len(values), generator=gen, dtype=torch.float64))
-        v, _ = torch.linalg.qr(torch.randn(20, len(values), generator=gen, dtype=torch.float64))
-        w = torch.randn(24, 20, generator=gen, dtype=torch.float64)
-        base[f"{name}.weight"] = w
-        tuned[f"{name}.weight"] = w + (u * torch.tensor(values, dtype=torch.float64)) @ v.T
-    save_file(base, str(tmp_path / "base.safetensors"))
-    save_file(tuned, str(tmp_path / "tuned.safetensors"))
-    return tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
-
-
 SPECTRA = {
     "a.proj": [8.0, 4.0, 2.0, 1.0, 0.5, 0.25],  # energy 85.3125
     "b.proj": [1.0] * 8,  # flat: energy 8
@@ -87,7 +76,7 @@ def expected_error(values: list[float], r: int) -> float:
 
 
 def test_recommendations_per_layer_and_global(tmp_path):
-    base, tuned = write_pair(tmp_path, SPECTRA)
+    base, tuned = write_pair_with_spectra(tmp_path, SPECTRA)
     report = rank_spectrum(base, tuned, ranks=[1, 2, 4, 8], max_error=0.3, svd=SvdSettings(exact=True))
     rec = report.recommendation()
     # per layer: smallest r with error ≤ 0.3
@@ -113,7 +102,7 @@ def test_recommendations_per_layer_and_global(tmp_path):
 
 
 def test_target_beyond_max_rank_is_none_not_a_wrong_rank(tmp_path):
-    base, tuned = write_pair(tmp_path, SPECTRA)
+    base, tuned = write_pair_with_spectra(tmp_path, SPECTRA)
     rec = rank_spectrum(base, tuned, ranks=[2], num_singular_values=3, max_error=0.01).recommendation()
     assert rec["per_layer"]["b.proj"] is None and rec["max_layer_rank"] is None
     assert rec["global_rank"] is None
