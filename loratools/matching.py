@@ -6,7 +6,10 @@ Decisions:
 - kohya stems (``lora_unet_…``) are first resolved to the dotted module names of the checkpoint
   (`resolve_kohya_names`, through the namespaces in `formats.KOHYA_NAMESPACES`).
 - A module matches ``<module>.weight``, else the one tensor ending in ``.<module>.weight`` (a checkpoint saved
-  without the wrapper prefix the adapter was made with); a full tensor matches its own name the same way.
+  without the wrapper prefix the adapter was made with), else the module whose Stable Diffusion pipeline name
+  (`formats.pipeline_names`: ``unet.down_blocks.0…`` for a bare UNet folder's ``down_blocks.0…`` or a single
+  file's ``model.diffusion_model.input_blocks.1…``), or that name's kohya stem, it is (`module_aliases`). A
+  full tensor matches its own name the first two ways.
 - PEFT has one ``fan_in_fan_out`` flag per adapter and decides per layer from the module's class, so a module
   is fitted to the tensor's shape: a non-square weight whose shape only fits the other layout flips between
   linear and conv1d; a linear LoRA on a 1×1 convolution (out, in, 1, 1) applies as that convolution's delta.
@@ -22,7 +25,7 @@ import torch
 
 from loratools.adapter import Adapter, LoraModule
 from loratools.checkpoint import TensorIndex
-from loratools.formats import KOHYA_PREFIXES, kohya_stems
+from loratools.formats import KOHYA_PREFIXES, is_sdxl, kohya_stem, kohya_stems, pipeline_names
 
 
 def resolve_kohya_names(adapter: Adapter, tensor_names: Iterable[str]) -> Adapter:
@@ -42,6 +45,19 @@ def resolve_kohya_names(adapter: Adapter, tensor_names: Iterable[str]) -> Adapte
         resolved = by_stem.get(name, name) if name.startswith(KOHYA_PREFIXES) else name
         modules[resolved] = dataclasses.replace(module, name=resolved)
     return dataclasses.replace(adapter, modules=modules)
+
+
+def module_aliases(index: TensorIndex) -> dict[str, str]:
+    """Other names adapters give the checkpoint's modules -> the module: Stable Diffusion pipeline names and their
+    kohya stems (empty for checkpoints that are not Stable Diffusion components)."""
+    pipeline = pipeline_names(list(index.tensors), index.config)
+    sdxl = is_sdxl(pipeline.values())
+    aliases: dict[str, str] = {}
+    for module, name in pipeline.items():
+        for alias in (name, kohya_stem(name, sdxl=sdxl)):
+            if alias != module:
+                aliases.setdefault(alias, module)
+    return aliases
 
 
 def find_tensor(name: str, index: TensorIndex) -> str | None:
@@ -110,6 +126,7 @@ def match_adapter(adapter: Adapter, index: TensorIndex) -> AdapterMatch:
         tensor's shape cannot take it (the reason names both shapes).
     """
     adapter = resolve_kohya_names(adapter, index.tensors)
+    aliases = module_aliases(index)
     match = AdapterMatch()
     wanted: list[tuple[str, str, LoraModule | None, torch.Tensor | None, tuple[int, ...]]] = [
         (name + ".weight", name, module, None, module.base_shape) for name, module in adapter.modules.items()
@@ -117,6 +134,8 @@ def match_adapter(adapter: Adapter, index: TensorIndex) -> AdapterMatch:
     wanted += [(name, name, None, tensor, tuple(tensor.shape)) for name, tensor in adapter.full.items()]
     for tensor_name, name, module, full, shape in wanted:
         found = find_tensor(tensor_name, index)
+        if found is None and module is not None and name in aliases:
+            found = find_tensor(aliases[name] + ".weight", index)
         if found is None:
             match.missing[name] = f"no tensor {tensor_name} in {index.path}"
             continue

@@ -16,7 +16,8 @@ from loratools.errors import LoratoolsError
 from loratools.merge import merge
 from loratools.policies import RankPolicy
 from loratools.writer import PROVENANCE_KEYS
-from tests.conftest import LLAMA_BASE, LLAMA_PEFT, LLAMA_TUNED, SD_BASE, SD_KOHYA, SD_TUNED, run_cli
+from tests.conftest import LLAMA_BASE, LLAMA_PEFT, LLAMA_TUNED, SD_BASE, SD_KOHYA, SD_TUNED
+from tests.helpers import run_cli
 
 # public function -> how many leading parameters are paths (positional); the rest must be keyword-only
 PATH_PARAMETERS = {

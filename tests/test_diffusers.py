@@ -30,9 +30,12 @@ from loratools.checkpoint import open_checkpoint  # noqa: E402
 from loratools.extract import extract  # noqa: E402
 from loratools.formats import DIFFUSERS_WEIGHTS, default_format, pipeline_names  # noqa: E402
 from loratools.matching import resolve_kohya_names  # noqa: E402
+from loratools.merge import merge  # noqa: E402
 from loratools.plan import Selection  # noqa: E402
 from loratools.policies import RankPolicy  # noqa: E402
-from tests.conftest import SD_BASE, SD_KOHYA, SD_TUNED, run_cli  # noqa: E402
+from loratools.writer import write_safetensors  # noqa: E402
+from tests.conftest import SD_BASE, SD_KOHYA, SD_TUNED  # noqa: E402
+from tests.helpers import run_cli  # noqa: E402
 
 COMMON = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), cross_attention_dim=16,
               attention_head_dim=2, norm_num_groups=4)
@@ -320,3 +323,47 @@ def test_cli_prints_the_chosen_format(tmp_path):
     result = run_cli("extract", SD_BASE, SD_TUNED, "-o", tmp_path / "d", "--quiet", "--format", "diffusers")
     assert "note: format diffusers: given with --format" in result.output
     assert (tmp_path / "d" / DIFFUSERS_WEIGHTS).is_file()
+
+
+# ---- merging Stable Diffusion adapters back: names matched through the pipeline layout ----------------------
+
+
+def read_state(path) -> dict[str, torch.Tensor]:
+    with open_checkpoint(path) as index:
+        return {name: index.get(name) for name in index}
+
+
+def assert_states_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for name, value in want.items():
+        error = float((got[name] - value).norm()) / max(float(value.norm()), 1e-12)
+        assert error <= 1e-5, (name, error)
+
+
+def test_a_diffusers_adapter_merges_into_a_bare_unet_folder(tmp_path):
+    (unet,) = make_models(SD1_UNET, ())
+    tuned = tuned_copy(unet, 6)
+    unet.save_pretrained(tmp_path / "b")
+    tuned.save_pretrained(tmp_path / "t")
+    extract(tmp_path / "b", tmp_path / "t", tmp_path / "a", policy=POLICY, format="diffusers")
+    assert all(n.startswith("unet.") for n in load_file(tmp_path / "a" / DIFFUSERS_WEIGHTS))  # not the folder's names
+    merge(tmp_path / "b", [tmp_path / "a"], tmp_path / "merged")
+    assert_states_close(read_state(tmp_path / "merged"), read_state(tmp_path / "t"))
+
+
+@pytest.mark.parametrize("sdxl", [False, True], ids=["sd1", "sdxl"])
+def test_a_third_party_kohya_file_with_diffusers_names_merges_into_a_single_file(tmp_path, sdxl):
+    """kohya files made by other tools name single-file U-Net layers the diffusers way and carry no name map."""
+    (unet,) = make_models(SDXL_UNET if sdxl else SD1_UNET, ())
+    tuned = tuned_copy(unet, 7)
+    save_file(to_original(unet, {}), tmp_path / "base.safetensors")
+    save_file(to_original(tuned, {}), tmp_path / "tuned.safetensors")
+    ours = tmp_path / "ours.safetensors"
+    extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", ours, policy=POLICY, format="kohya")
+    with open_checkpoint(ours) as index:
+        stripped = {name: index.get(name) for name in index}
+        metadata = {k: v for k, v in index.metadata.items() if k != "loratools_module_names"}
+    assert any(key.startswith("lora_unet_down_blocks_") for key in stripped)
+    write_safetensors(stripped, tmp_path / "third-party.safetensors", metadata)
+    merge(tmp_path / "base.safetensors", [tmp_path / "third-party.safetensors"], tmp_path / "merged.safetensors")
+    assert_states_close(read_state(tmp_path / "merged.safetensors"), read_state(tmp_path / "tuned.safetensors"))
