@@ -806,3 +806,84 @@ def convert_command(adapter, out, dtype, force, as_json, fmt, prefix, base) -> N
     from loratools.operations import convert
 
     _render_written(convert(adapter, out, fmt, prefix, base, _torch_dtype(dtype), force), as_json)
+
+
+# ---- export-onnx (issue 10) -------------------------------------------------------------------------------
+
+
+def _render_export(result) -> None:
+    from rich.table import Table
+
+    console = stdout_console()
+    precision = result.quantize or result.dtype
+    past = ", KV cache" if result.with_past else ""
+    merged = f", {result.merged_tensors} tensor(s) merged from {len(result.adapters)} adapter(s)" if result.adapters else ""
+    console.print(f"exported {result.architecture} ({result.kind}{past}, {precision}, opset {result.opset}{merged})")
+    for name, size in result.files.items():
+        console.print(f"  wrote {result.out.parent / name}  {_human_bytes(size)}")
+    console.print("  timings: " + ", ".join(f"{step} {seconds:.1f}s" for step, seconds in result.timings.items()))
+    report = result.verification
+    if report is None:
+        console.print("  not verified (--no-verify)")
+        return
+    table = Table(title=f"verification: onnxruntime vs PyTorch fp32 (batch {report.batch}, {report.sequence} tokens"
+                  + (f", past {report.past}" if report.past else "") + ")", title_justify="left")
+    for column, justify in (("output", "left"), ("max abs diff", "right"), ("tolerance", "right"),
+                            ("cosine", "right"), ("top-1", "right"), ("", "left")):
+        table.add_column(column, justify=justify)
+    for m in report.outputs:
+        top1 = "-" if m.top1 is None else f"{m.top1:.1%}"
+        table.add_row(m.name, f"{m.max_abs_diff:.2e}", f"{m.tolerance:.1e}", f"{m.cosine:.6f}", top1,
+                      "ok" if m.passed else "[red]FAIL[/red]")
+    console.print(table)
+    if report.generation:
+        g = report.generation
+        console.print(f"greedy generation with the cache: {g['matched']}/{g['steps']} tokens equal transformers'"
+                      f" generate() ({'ok' if g['passed'] else 'FAIL'})")
+
+
+@cli.command("export-onnx")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Graph file, e.g. model.onnx.")
+@click.option("-a", "--adapter", "adapters", multiple=True, type=click.Path(exists=True),
+              help="Adapter to merge first (PEFT or kohya); repeat for several.")
+@click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight per --adapter, in order (default 1).")
+@click.option("--with-past", is_flag=True, help="Causal LMs: KV-cache inputs past_key_values.* and outputs present.*.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Graph precision (bf16 checkpoints are upcast; inputs and outputs stay fp32).")
+@click.option("--quantize", type=click.Choice(["int8"]), help="onnxruntime dynamic quantization (int8 weights).")
+@click.option("--external-data", is_flag=True, help="Tensors in OUT.data beside the graph (automatic above 2 GB).")
+@click.option("--no-verify", "no_verify", is_flag=True, help="Skip the onnxruntime vs PyTorch check.")
+@click.option("--atol", type=float, help="Verification tolerance (default fp32 1e-4, fp16 2e-2, int8 0.25; scaled by"
+              " max(1, max |output|)).")
+@click.option("--keep-on-fail", is_flag=True, help="Keep the files when verification fails (still exits 2).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (never an input).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report (files, timings, verification) as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def export_onnx_command(model, out, adapters, weights, with_past, dtype, quantize, external_data, no_verify, atol,
+                        keep_on_fail, force, as_json, quiet) -> None:
+    """Export MODEL (a Hugging Face folder), with adapters merged in memory, to ONNX and verify it.
+
+    Causal LMs (Llama, Qwen2, GPT-2 …) get inputs input_ids, attention_mask, position_ids and output logits;
+    encoders (BERT …) input_ids, attention_mask, token_type_ids and output last_hidden_state. Batch and
+    sequence axes are dynamic. The graph is run in onnxruntime and compared with the merged model in PyTorch on
+    other shapes than traced; a failed check exits 2 and writes nothing. Needs pip install 'loratools[export]'.
+
+    \b
+    Examples:
+      loratools export-onnx fixtures/llama-base -o out/llama.onnx --with-past
+      loratools export-onnx fixtures/llama-base -a fixtures/llama-lora-peft -o out/merged.onnx --quantize int8
+      loratools export-onnx base -a style.safetensors -w 0.7 -a subject -o out/model.onnx --external-data
+    """
+    from loratools.export import export_onnx
+
+    if weights and len(weights) != len(adapters):
+        raise click.UsageError(f"got {len(weights)} --weight for {len(adapters)} --adapter; give one per adapter")
+    with progress_bar("export-onnx", quiet or as_json) as update:
+        result = export_onnx(model, out, adapters=adapters, weights=list(weights) or None, with_past=with_past,
+                             dtype=dtype, quantize=quantize, external_data=external_data, verify=not no_verify,
+                             atol=atol, keep_on_fail=keep_on_fail, force=force, progress=update)
+    if as_json:
+        print_json(result.to_json())
+        return
+    _render_export(result)

@@ -23,6 +23,7 @@ import onnxruntime as ort
 PROTOBUF_LIMIT = 2_000_000_000  # bytes of weights above which the graph must keep its tensors in a .data file
 EXTERNAL_THRESHOLD = 1024  # tensors at least this big go to the .data file
 QUIET_LOGGERS = ("onnxruntime", "onnx", "onnxscript", "root")
+DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "pkg.torch.onnx.class_hierarchy")
 
 
 @dataclass(frozen=True)
@@ -111,12 +112,16 @@ def _share_transposed_copies(graph: ir.Graph, prefix: str) -> int:
 
 
 def finish_model(model: ir.Model, *, prefix: str) -> int:
-    """Name initializers like the checkpoint (strip the wrapper's `prefix`) and store tied weights once.
+    """Name initializers like the checkpoint (strip the wrapper's `prefix`), drop the exporter's debugging metadata
+    (stack traces with local paths) and store tied weights once.
 
     Returns:
         number of duplicated tied weights removed.
     """
     _rename_initializers(model.graph, prefix)
+    for node in model.graph.all_nodes():  # source paths and FX dumps: most of the graph's bytes, no use at run time
+        for key in DROPPED_METADATA:
+            node.metadata_props.pop(key, None)
     removed = _share_transposed_copies(model.graph, prefix)
     return removed
 
