@@ -7,14 +7,13 @@ PEFT-style adapter for it, exports base + adapter with ``export_onnx(..., with_p
 (each verified), then times, with the same thread count for both runtimes:
 - prefill: one forward over a (batch, seq) prompt, empty cache;
 - decode: per-token latency of 16 greedy steps after a 128-token prompt (cache reused between steps).
-Prints median milliseconds, ratios (PyTorch / ORT fp32: > 1 means ORT is faster; int8 / fp32) and sizes.
+Prints the best of --repeats runs in milliseconds (the minimum: robust to other load on a shared machine), ratios (PyTorch / ORT fp32: > 1 means ORT is faster; int8 / fp32) and sizes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,11 +22,13 @@ import numpy as np
 import onnxruntime as ort
 import torch
 import transformers
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from loratools.export import export_onnx
 
 DECODE_STEPS = 16
+PREFILL = ((1, 16), (1, 128), (4, 128), (1, 512))
+DECODE_BATCHES = (1, 4)
 
 
 def build_model(folder: Path, hidden: int, layers: int) -> tuple[Path, Path]:
@@ -53,14 +54,14 @@ def build_model(folder: Path, hidden: int, layers: int) -> tuple[Path, Path]:
     return folder / "base", adapter
 
 
-def median_ms(fn, repeats: int) -> float:
+def best_ms(fn, repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return min(times) * 1000
 
 
 def torch_prefill(model, batch: int, seq: int):
@@ -133,7 +134,7 @@ def per_token_ms(run, repeats: int) -> float:
     for _ in range(repeats):
         run()
         values.append(run.per_token)
-    return statistics.median(values) * 1000
+    return min(values) * 1000
 
 
 def main() -> None:
@@ -156,35 +157,41 @@ def main() -> None:
             print(f"{precision}: {sum(result.files.values()) / 2**20:.1f} MiB, export {sum(result.timings.values()):.1f}s,"
                   f" logits max abs diff {logits.max_abs_diff:.2e}, cosine {logits.cosine:.6f},"
                   f" top-1 {logits.top1:.1%}, verification {'passed' if result.verification.passed else 'FAILED'}")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = args.threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        sessions = {p: ort.InferenceSession(str(root / f"{p}.onnx"), options, providers=["CPUExecutionProvider"])
-                    for p in exports}
         model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
         # the same merged weights as the export: W + 2·B@A on q_proj and v_proj
+        raw = load_file(str(adapter / "adapter_model.safetensors"))
         with torch.no_grad():
-            from safetensors.torch import load_file
-
-            raw = load_file(str(adapter / "adapter_model.safetensors"))
             for key, a in raw.items():
                 if ".lora_A." in key:
                     name = key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
                     model.get_parameter(name).add_(2.0 * raw[key.replace("lora_A", "lora_B")] @ a)
-
-        rows = []
-        for batch, seq in ((1, 16), (1, 128), (4, 128), (1, 512)):
-            t = median_ms(torch_prefill(model, batch, seq), args.repeats)
-            o = {p: median_ms(ort_prefill(s, batch, seq), args.repeats) for p, s in sessions.items()}
-            rows.append((f"prefill b{batch} s{seq}", t, o["fp32"], o["int8"]))
-        for batch in (1, 4):
-            t = per_token_ms(torch_decode(model, batch, 128), max(3, args.repeats // 3))
-            o = {p: per_token_ms(ort_decode(s, batch, 128), max(3, args.repeats // 3)) for p, s in sessions.items()}
-            rows.append((f"decode b{batch} past128 /token", t, o["fp32"], o["int8"]))
+        # one runtime at a time (PyTorch first, then each session): idle worker threads of one runtime spinning
+        # while the other runs would distort both on a 2-core machine
+        timings: dict[str, dict[str, float]] = {"torch": {}}
+        for batch, seq in PREFILL:
+            timings["torch"][f"prefill b{batch} s{seq}"] = best_ms(torch_prefill(model, batch, seq), args.repeats)
+        for batch in DECODE_BATCHES:
+            timings["torch"][f"decode b{batch} past128 /token"] = per_token_ms(torch_decode(model, batch, 128),
+                                                                             max(3, args.repeats // 3))
+        del model
+        for precision in exports:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = args.threads
+            options.inter_op_num_threads = 1
+            options.log_severity_level = 3
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            sess = ort.InferenceSession(str(root / f"{precision}.onnx"), options, providers=["CPUExecutionProvider"])
+            row = timings[precision] = {}
+            for batch, seq in PREFILL:
+                row[f"prefill b{batch} s{seq}"] = best_ms(ort_prefill(sess, batch, seq), args.repeats)
+            for batch in DECODE_BATCHES:
+                row[f"decode b{batch} past128 /token"] = per_token_ms(ort_decode(sess, batch, 128),
+                                                                      max(3, args.repeats // 3))
+            del sess
+        rows = [(case, timings["torch"][case], timings["fp32"][case], timings["int8"][case]) for case in timings["torch"]]
 
     print(f"\nLlama hidden {args.hidden}, {args.layers} layers, vocab 8192, {args.threads} threads;"
-          f" torch {torch.__version__}, onnxruntime {ort.__version__}; median ms")
+          f" torch {torch.__version__}, onnxruntime {ort.__version__}; best of {args.repeats}, ms")
     header = f"{'case':<26} {'torch':>9} {'ort fp32':>9} {'ort int8':>9} {'torch/fp32':>11} {'int8/fp32':>10}"
     print(header)
     print("-" * len(header))
