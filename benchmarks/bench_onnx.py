@@ -1,6 +1,8 @@
 """onnxruntime (fp32, int8) vs PyTorch eager on the same merged model: prefill and per-token decode with the cache.
 
-    python benchmarks/bench_onnx.py [--threads 2] [--hidden 512] [--layers 4] [--repeats 10]
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_onnx.py [--threads 2] [--hidden 512] [--layers 4] [--repeats 10]
+
+(PASSIVE: on a loaded machine PyTorch's spinning OpenMP workers make eager 5–20× slower and the table meaningless.)
 
 Builds a random Llama (hidden 512, 4 layers, GQA 8/4 heads, vocab 8192) in a temporary folder, makes a rank-8
 PEFT-style adapter for it, exports base + adapter with ``export_onnx(..., with_past=True)`` in fp32 and int8
