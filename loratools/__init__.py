@@ -21,6 +21,9 @@ Layers, bottom up; a module imports only from layers below its own (checked by s
     extract, spectrum, verify,         one module per command family: each opens its inputs, calls the
     inspection, merge,                 layers below, writes atomically and returns a result
     adapter_commands
+    export (model, trace, runtime,     export-onnx: the merged model in memory (transformers), traced with
+    command)                           torch.onnx, written and verified; runtime is the only importer of onnx
+                                       and onnxruntime
     cli (app, options, render, commands)   the only importer of click and rich
     plot                               --plot PNGs, the only importer of matplotlib (used by cli)
     __init__                           this public API; nothing inside the package imports it
@@ -45,6 +48,7 @@ from loratools.errors import (
     OutputError,
     ShapeError,
 )
+from loratools.export import ExportResult, export_onnx
 from loratools.extract import ExtractResult, extract
 from loratools.inspection import InspectReport, inspect_adapter
 from loratools.linalg import factor_spectrum
@@ -61,6 +65,7 @@ __all__ = [
     "AdapterResult",
     "CheckpointError",
     "ExportError",
+    "ExportResult",
     "ExtractResult",
     "FormatError",
     "InspectReport",
@@ -79,6 +84,7 @@ __all__ = [
     "combine",
     "combine_adapters",
     "convert",
+    "export_onnx",
     "extract",
     "factor_spectrum",
     "inspect_adapter",

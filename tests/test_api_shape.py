@@ -23,7 +23,7 @@ from tests.helpers import run_cli
 PATH_PARAMETERS = {
     "extract": 3, "rank_spectrum": 2, "verify_adapter": 3, "inspect_adapter": 1, "merge": 3, "combine": 2,
     "rescale": 2, "resize": 2, "convert": 2, "load_adapter": 1, "save_adapter": 2, "plan_extract": 2,
-    "combine_adapters": 1, "rescale_adapter": 1, "resize_adapter": 1, "low_rank": 2, "randomized_svd": 2,
+    "combine_adapters": 1, "export_onnx": 2, "rescale_adapter": 1, "resize_adapter": 1, "low_rank": 2, "randomized_svd": 2,
 }
 
 

@@ -87,12 +87,24 @@ def fused(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
 
 
-def assert_matches(model: torch.nn.Module, tuned: torch.nn.Module) -> None:
-    got, want = fused(model), tuned.state_dict()
+def assert_states_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
     assert got.keys() == want.keys()
     for name, value in want.items():
         error = float((got[name] - value).norm()) / max(float(value.norm()), 1e-12)
         assert error <= 1e-5, (name, error)
+
+
+def assert_matches(model: torch.nn.Module, tuned: torch.nn.Module) -> None:
+    assert_states_close(fused(model), tuned.state_dict())
+
+
+def unet_folders(folder, seed: int) -> tuple[UNet2DConditionModel, UNet2DConditionModel]:
+    """A tiny SD1 UNet and a tuned copy, saved as diffusers folders `folder`/b and `folder`/t."""
+    (unet,) = make_models(SD1_UNET, ())
+    tuned = tuned_copy(unet, seed)
+    unet.save_pretrained(folder / "b")
+    tuned.save_pretrained(folder / "t")
+    return unet, tuned
 
 
 def load_and_check(pipe_cls, path, bases, tuneds) -> None:
@@ -180,10 +192,7 @@ def test_diffusers_folders_extract_to_adapters_diffusers_applies_exactly(tmp_pat
 
 
 def test_unet_adapter_loads_with_load_lora_adapter(tmp_path):
-    (unet,) = make_models(SD1_UNET, ())
-    tuned = tuned_copy(unet, 3)
-    unet.save_pretrained(tmp_path / "b")
-    tuned.save_pretrained(tmp_path / "t")
+    unet, tuned = unet_folders(tmp_path, 3)
     extract(tmp_path / "b", tmp_path / "t", tmp_path / "a.safetensors", policy=POLICY, format="diffusers")
     model = copy.deepcopy(unet)
     model.load_lora_adapter(str(tmp_path / "a.safetensors"), prefix="unet")
@@ -333,18 +342,8 @@ def read_state(path) -> dict[str, torch.Tensor]:
         return {name: index.get(name) for name in index}
 
 
-def assert_states_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == want.keys()
-    for name, value in want.items():
-        error = float((got[name] - value).norm()) / max(float(value.norm()), 1e-12)
-        assert error <= 1e-5, (name, error)
-
-
 def test_a_diffusers_adapter_merges_into_a_bare_unet_folder(tmp_path):
-    (unet,) = make_models(SD1_UNET, ())
-    tuned = tuned_copy(unet, 6)
-    unet.save_pretrained(tmp_path / "b")
-    tuned.save_pretrained(tmp_path / "t")
+    unet_folders(tmp_path, 6)
     extract(tmp_path / "b", tmp_path / "t", tmp_path / "a", policy=POLICY, format="diffusers")
     assert all(n.startswith("unet.") for n in load_file(tmp_path / "a" / DIFFUSERS_WEIGHTS))  # not the folder's names
     merge(tmp_path / "b", [tmp_path / "a"], tmp_path / "merged")

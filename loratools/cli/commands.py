@@ -19,7 +19,15 @@ from loratools.cli.options import (
     svd_options,
     write_options,
 )
-from loratools.cli.render import show_extract, show_inspect, show_merge, show_spectrum, show_verify, show_written
+from loratools.cli.render import (
+    show_export,
+    show_extract,
+    show_inspect,
+    show_merge,
+    show_spectrum,
+    show_verify,
+    show_written,
+)
 from loratools.plan import Selection
 from loratools.policies import RankPolicy
 from loratools.rsvd import SvdSettings
@@ -326,3 +334,45 @@ def convert_command(adapter: str, out: str, dtype: str | None, force: bool, fmt:
         adapter, out, format=fmt, prefix=prefix, base=base, dtype=dtype, force=force,
     ), show_written)
 
+
+
+@cli.command("export-onnx")
+@click.argument("model", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Graph file, e.g. model.onnx.")
+@click.option("-a", "--adapter", "adapters", multiple=True, type=click.Path(exists=True),
+              help="Adapter to merge first (PEFT or kohya); repeat for several.")
+@click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight per --adapter, in order (default 1).")
+@click.option("--with-past", is_flag=True, help="Causal LMs: KV-cache inputs past_key_values.* and outputs present.*.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Graph precision (bf16 checkpoints are upcast; inputs and outputs stay fp32).")
+@click.option("--quantize", type=click.Choice(["int8"]), help="onnxruntime dynamic quantization (int8 weights).")
+@click.option("--external-data", is_flag=True, help="Tensors in OUT.data beside the graph (automatic above 2 GB).")
+@click.option("--no-verify", "no_verify", is_flag=True, help="Skip the onnxruntime vs PyTorch check.")
+@click.option("--atol", type=float, help="Verification tolerance (default fp32 1e-4, fp16 2e-2, int8 0.25; scaled by"
+              " max(1, max |output|)).")
+@click.option("--keep-on-fail", is_flag=True, help="Keep the files when verification fails (still exits 2).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (never an input).")
+@output_options
+def export_onnx_command(model: str, out: str, adapters: tuple[str, ...], weights: tuple[float, ...], with_past: bool,
+                        dtype: str, quantize: str | None, external_data: bool, no_verify: bool, atol: float | None,
+                        keep_on_fail: bool, force: bool, output: Output) -> None:
+    """Export MODEL (a Hugging Face folder), with adapters merged in memory, to ONNX and verify it.
+
+    Causal LMs (Llama, Qwen2, GPT-2 …) get inputs input_ids, attention_mask, position_ids and output logits;
+    encoders (BERT …) input_ids, attention_mask, token_type_ids and output last_hidden_state. Batch and
+    sequence axes are dynamic. The graph is run in onnxruntime and compared with the merged model in PyTorch on
+    other shapes than traced; a failed check exits 2 and writes nothing. Needs pip install 'loratools[export]'.
+
+    \b
+    Examples:
+      loratools export-onnx fixtures/llama-base -o out/llama.onnx --with-past
+      loratools export-onnx fixtures/llama-base -a fixtures/llama-lora-peft -o out/merged.onnx --quantize int8
+      loratools export-onnx base -a style.safetensors -w 0.7 -a subject -o out/model.onnx --external-data
+    """
+    from loratools.export import export_onnx
+
+    run(output, "export-onnx", lambda progress: export_onnx(
+        model, out, adapters=adapters, weights=weights or None, with_past=with_past, dtype=dtype, quantize=quantize,
+        external_data=external_data, verify=not no_verify, atol=atol, keep_on_fail=keep_on_fail, force=force,
+        progress=progress,
+    ), show_export)

@@ -15,6 +15,7 @@ from rich.table import Table
 from loratools.adapter_commands import AdapterResult
 from loratools.algebra import ModuleChange
 from loratools.cli.options import stdout_console
+from loratools.export import ExportResult
 from loratools.extract import ExtractResult
 from loratools.inspection import InspectReport
 from loratools.merge import MergeResult
@@ -366,3 +367,38 @@ def show_merge(result: MergeResult, quiet: bool) -> None:
         click.echo(f"copied: {', '.join(result.copied)}")
     if result.skipped:
         click.echo(f"not copied (weights or folders): {', '.join(result.skipped)}")
+
+
+def show_export(result: ExportResult, quiet: bool) -> None:
+    """``export-onnx``: the files and their sizes, the timings, the verification table and the generation check."""
+    console = stdout_console()
+    past = ", KV cache" if result.with_past else ""
+    merged = f", {result.merged_tensors} tensor(s) merged from {len(result.adapters)} adapter(s)" if result.adapters else ""
+    console.print(f"exported {result.architecture} ({result.kind}{past}, {result.precision}, opset {result.opset}{merged})")
+    for name, size in result.files.items():
+        console.print(f"  wrote {result.out.parent / name}  {_human_bytes(size)}")
+    console.print("  timings: " + ", ".join(f"{step} {seconds:.1f}s" for step, seconds in result.timings.items()))
+    check = result.verification
+    if check is None:
+        console.print("  not verified (--no-verify)")
+        return
+    if not quiet:
+        title = (f"verification: onnxruntime vs PyTorch fp32 (batch {check.batch}, {check.sequence} tokens"
+                 + (f", past {check.past}" if check.past else "") + ")")
+        table = Table(title=title, title_justify="left")
+        for column, justify in (("output", "left"), ("max abs diff", "right"), ("tolerance", "right"),
+                                ("cosine", "right"), ("top-1", "right"), ("", "left")):
+            table.add_column(column, justify=justify)  # type: ignore[arg-type]
+        for m in check.outputs:
+            top1 = "-" if m.top1 is None else f"{m.top1:.1%}"
+            table.add_row(m.name, f"{m.max_abs_diff:.2e}", f"{m.tolerance:.1e}", f"{m.cosine:.6f}", top1,
+                          "ok" if m.passed else "[red]FAIL[/red]")
+        console.print(table)
+    worst = max(check.outputs, key=lambda m: m.max_abs_diff / max(m.tolerance, 1e-300), default=None)
+    if worst is not None:
+        console.print(f"verified in onnxruntime: {'passed' if check.passed else 'FAILED'}; worst output {worst.name}"
+                      f" max abs diff {worst.max_abs_diff:.2e} (tolerance {worst.tolerance:.1e})")
+    if check.generation:
+        g = check.generation
+        console.print(f"greedy generation with the cache: {g['matched']}/{g['steps']} tokens equal transformers'"
+                      f" generate() ({'ok' if g['passed'] else 'FAIL'})")
