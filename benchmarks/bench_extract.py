@@ -9,7 +9,7 @@ hidden 4096: 4096×4096, and with --big 11008×4096) whose spectrum is a power l
 directions plus a Gaussian noise floor, like real fine-tunes. Per method: wall time, peak RssAnon above the
 process's level before the call (sampled from /proc in a thread), relative error and error / optimum, where the
 optimum is the error of the full SVD truncated at the same rank (Eckart–Young), measured the same way.
-Methods: ``loratools.linalg.low_rank`` (randomized SVD at --rank) and full ``torch.linalg.svd`` per layer (what
+Methods: ``loratools.rsvd.low_rank`` (randomized SVD at --rank) and full ``torch.linalg.svd`` per layer (what
 kohya, mergekit, LyCORIS and PEFT do).
 
 Part 2, checkpoints on disk. A two-layer Llama pair at hidden 2048 / intermediate 5632 (bf16, tuned = base +
@@ -247,7 +247,7 @@ def on_disk(args, work: Path) -> None:
     layer_bytes = intermediate * hidden * 4
     def in_process(out: str) -> tuple[float, ExtractResult]:
         seconds, _, _, result = measure(args.device, extract, base, tuned, work / out,
-                                        policy=RankPolicy("rank", args.rank), device=args.device)
+                                        policy=RankPolicy("rank", args.rank), svd=SvdSettings(device=args.device))
         shutil.rmtree(work / out)
         return seconds, result
 

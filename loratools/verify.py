@@ -3,7 +3,7 @@
 For each adapter module matched to a checkpoint tensor, with ΔW = tuned − base in the module's LoRA layout:
 - ``rel_error`` = ‖ΔW − scale·B·A‖_F / ‖ΔW‖_F, measured in float64 blocks (the product is never held whole);
 - ``optimal_rel_error`` = the Eckart–Young error of the best approximation of the same rank r: the measured
-  ‖ΔW − U_r Σ_r V_rᵀ‖_F / ‖ΔW‖_F of the rank-r truncated SVD of ΔW (`linalg.low_rank`: randomized; `exact`: a
+  ‖ΔW − U_r Σ_r V_rᵀ‖_F / ‖ΔW‖_F of the rank-r truncated SVD of ΔW (`rsvd.low_rank`: randomized; ``svd.exact``: a
   full SVD). Measured rather than √(‖ΔW‖² − Σσ²), which cancels catastrophically when the error is tiny; a
   randomized truncation is never better than the true optimum, so this figure is never too optimistic.
 Coverage both ways: changed tensors that no module or full tensor touches (`uncovered`), and adapter modules
