@@ -17,6 +17,10 @@ Decisions:
   on a module that also gets a LoRA, which PEFT cannot load) fail fast. A module saved whole carries all its
   parameters (PEFT's ``modules_to_save`` loading needs the unchanged bias next to a changed weight).
 - A layer whose policy rank is 0 (e.g. ``--threshold`` above σ₁) is reported and left out of the adapter.
+- ``--format kohya`` has no embedding or Conv1D layout. Such layers are compared whole instead: left out when
+  unchanged, listed in the warnings and the report when changed (like a changed norm). Only a layer the user
+  named with an ``--include`` pattern is an error. The decision follows the data, not the plan: an LLM's
+  unchanged ``embed_tokens`` does not stop a kohya extraction.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from loratools.deltas import TensorChange, layer_deltas, tensor_change
 from loratools.dtypes import OUTPUT_DTYPES, DType, dtype_name, resolve_dtype
 from loratools.errors import FormatError, LoratoolsError
 from loratools.linalg import pooled_rel_error
-from loratools.names import natural_key, short_list
+from loratools.names import matches, natural_key, short_list
 from loratools.plan import LayerPair, Pairing, Plan, Selection, WholeTensor, plan_extract
 from loratools.policies import RankPolicy
 from loratools.progress import Progress
@@ -202,7 +206,7 @@ def extract(
         check_output(report, [base, tuned, out], force)
     with open_checkpoint(base) as base_index, open_checkpoint(tuned) as tuned_index:
         plan = plan_extract(base_index, tuned_index, selection=selection)
-        _check_plan_format(plan, format)
+        _check_plan_format(plan, format, selection)
         out_dtype = written_dtype or _tuned_dtype(plan, tuned_index)
         summary = ExtractSummary(
             base=str(base), tuned=str(tuned), output=str(out), format=format, dtype=dtype_name(out_dtype),
@@ -258,13 +262,32 @@ def extract(
     return result
 
 
-def _check_plan_format(plan: Plan, format: str) -> None:
+KOHYA_LEFT_OUT = "kohya has no"
+
+
+def _check_plan_format(plan: Plan, format: str, selection: Selection = Selection()) -> None:
+    """Fit the plan to what `format` can hold (kohya: no embedding or Conv1D LoRAs, no whole tensors).
+
+    A layer kohya cannot hold is compared whole instead of extracted: reported when changed (warning and
+    report), like a changed norm. It is an error only when the user named it with an ``--include`` pattern.
+    Whole tensors asked for (--save-full, --embeddings full) are refused.
+    """
     if format != "kohya":
         return
-    odd = [p for p in plan.pairs if p.kind in ("embedding", "conv1d")]
-    if odd:
-        fix = "--embeddings skip (or full with --format peft)" if odd[0].kind == "embedding" else "--format peft"
-        raise FormatError(f"{odd[0].tensor}: kohya has no {odd[0].kind} layout; use {fix}, or --exclude it")
+    kept = []
+    for pair in plan.pairs:
+        if pair.kind not in ("embedding", "conv1d"):
+            kept.append(pair)
+            continue
+        pattern = matches(pair.tensor, selection.include) if selection.include else None
+        if pattern is not None:
+            raise FormatError(f"{pair.tensor}: kohya has no {pair.kind} layout, but --include {pattern!r} asks for it;"
+                              " use --format peft, or an --include pattern that leaves it out")
+        why = f"{pair.kind}: {KOHYA_LEFT_OUT} {pair.kind} layout (--format peft keeps it)"
+        plan.whole.append(WholeTensor(pair.tensor, pair.shape, False, why))
+    if len(kept) != len(plan.pairs):
+        plan.pairs = kept
+        plan.whole.sort(key=lambda w: natural_key(w.tensor))
     saved = [w for w in plan.whole if w.save]
     if saved:
         raise FormatError(f"{saved[0].tensor}: kohya files cannot hold whole tensors (--save-full/--embeddings full);"
@@ -348,7 +371,11 @@ def _finish_summary(result: ExtractResult, out_dtype: torch.dtype) -> None:
     if zero:
         notes.append(f"{len(zero)} changed layer(s) got rank 0 under {summary.rank_policy} and are not in the"
                      f" adapter: {short_list(zero)}")
-    dropped = [c.name for c in result.changed if not c.saved]
+    left_out = [c.name for c in result.changed if not c.saved and KOHYA_LEFT_OUT in c.why]
+    if left_out:
+        notes.append(f"{len(left_out)} changed tensor(s) the kohya format cannot hold were left out: "
+                     f"{short_list(left_out)}; use --format peft to keep them")
+    dropped = [c.name for c in result.changed if not c.saved and KOHYA_LEFT_OUT not in c.why]
     if dropped:
         notes.append(f"{len(dropped)} changed tensor(s) cannot be a LoRA and were not saved: {short_list(dropped)};"
                      " save them whole with --save-full PATTERN (PEFT modules_to_save)")
