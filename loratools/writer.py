@@ -3,7 +3,13 @@
 Rules every command follows through `atomic_output`:
 - an existing output is refused unless ``force=True`` (then it is replaced only after the new one is complete);
 - an output equal to, inside, or containing an input is refused, even with force;
-- on any error the temporary file or folder is removed: nothing half-written is left behind.
+- on any error the temporary file or folder is removed: nothing half-written is left behind;
+- any OSError while writing (a full disk, a folder that cannot be written) is an OutputError naming the output;
+- a symbolic link at the output path is replaced, never written through (a Hugging Face cache's shared blobs);
+- the rename into place is one ``renameat2`` call (no-clobber, or an atomic swap with ``force``) where the
+  filesystem has it, so a kill at any moment leaves the previous output or the new one, never neither; what a
+  killed run leaves (``.<name>.loratools-tmp-<pid>`` / ``-old-<pid>`` of a dead pid) is cleaned up by the next
+  write to that output.
 Every safetensors file written records its provenance (`provenance`: command, inputs, parameters) and
 ``loratools_version`` in its ``__metadata__``.
 """
@@ -145,11 +151,12 @@ def _commit(tmp: Path, out: Path, force: bool, shown: str | os.PathLike) -> None
         os.replace(tmp, out)  # files and links: one atomic rename
     else:
         old = out.with_name(f".{out.name}{OLD_MARK}{os.getpid()}")
-        os.replace(out, old)
         try:
+            os.replace(out, old)
             os.replace(tmp, out)
-        except BaseException:
-            os.replace(old, out)
+        except BaseException:  # an error or a signal between the renames: put the previous output back
+            if os.path.lexists(old) and not os.path.lexists(out):
+                os.replace(old, out)
             raise
         _remove(old)
 
