@@ -211,6 +211,10 @@ def _build_modules(
             problems.append(f"{stem} has {have} but no {' or '.join(missing)}")
             continue
         a, b = roles["A"], roles["B"]
+        odd = factor_problem(stem, a, b)
+        if odd:
+            problems.append(odd)
+            continue
         if stem in embedding:
             kind = "embedding"
         elif a.dim() == 4:
@@ -219,7 +223,7 @@ def _build_modules(
             kind = "conv1d" if fan_in_fan_out else "linear"
         name = names.get(stem, stem)
         try:
-            if fmt == "peft" and "lora_alpha" in config:
+            if fmt == "peft" and config.get("lora_alpha") is not None:
                 alpha = peft_pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"])
             elif "alpha" in roles:
                 alpha = stored_alpha(stem, roles["alpha"])
@@ -466,6 +470,15 @@ def check_module_values(modules: dict[str, LoraModule], full: dict[str, torch.Te
     problems += [f"{name} has non-finite values (nan or inf)" for name, tensor in full.items()
                  if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
     return problems
+
+
+def factor_problem(stem: str, a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """Why `a` and `b` cannot be a LoRA's factors (not floating point, not 2-D or 4-D alike), or None."""
+    if not (a.is_floating_point() and b.is_floating_point()):
+        return f"{stem} has factors of dtype {a.dtype} / {b.dtype}; LoRA factors are floating point"
+    if a.dim() not in (2, 4) or b.dim() != a.dim():
+        return f"{stem} has factors of shapes {tuple(a.shape)} / {tuple(b.shape)}; expected 2-D (or 4-D conv) A and B"
+    return None
 
 
 def stored_alpha(stem: str, tensor: torch.Tensor) -> float:
