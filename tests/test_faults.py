@@ -176,6 +176,7 @@ SIGNAL_CASES = [  # (point, signal, force)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("point", "signum", "force"), SIGNAL_CASES,
                          ids=[f"{p}-{s.name}-{'force' if f else 'fresh'}" for p, s, f in SIGNAL_CASES])
 def test_signal_leaves_previous_output_or_none(tmp_path, good, point, signum, force):
@@ -212,6 +213,7 @@ def test_signal_leaves_previous_output_or_none(tmp_path, good, point, signum, fo
     assert snapshot(out) == snapshot(expected) and temporaries(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_next_run_removes_what_a_killed_run_left(tmp_path, good):
     """Through the CLI: a SIGKILLed run's temporary is gone once the next write to that output starts."""
     p = inputs_in(good, tmp_path / "in")
@@ -224,6 +226,7 @@ def test_next_run_removes_what_a_killed_run_left(tmp_path, good):
     assert temporaries(tmp_path) == [] and load_adapter(out).modules
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("force", [False, True], ids=["fresh", "force"])
 def test_two_processes_writing_one_output_leave_one_complete_output(tmp_path, good, force):
     p = inputs_in(good, tmp_path / "in")

@@ -136,3 +136,15 @@ def test_every_writing_command_is_byte_identical_on_rerun(tmp_path):
             run_cli(*args, "-o", out, "-q")
         first, second = (files(out) for out in outputs)
         assert first and {k.replace("run1", "run2"): v for k, v in first.items()} == second, name
+
+
+def test_plot_replaces_a_symlink_not_its_target(tmp_path):
+    pytest.importorskip("matplotlib")
+    inputs = make_inputs(tmp_path / "in")
+    target = tmp_path / "shared.png"
+    target.write_bytes(b"not mine")
+    plot = tmp_path / "plot.png"
+    plot.symlink_to(target)
+    run_cli("inspect", inputs.adapter, "--plot", plot, "-q")
+    assert target.read_bytes() == b"not mine" and not plot.is_symlink()
+    assert plot.read_bytes().startswith(b"\x89PNG")
