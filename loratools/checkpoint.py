@@ -75,46 +75,103 @@ class TensorInfo:
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header without reading tensor data.
 
+    Everything is checked from the header and the file size before any tensor is read or allocated: entries
+    must be well-formed, offsets must lie in the file, run forwards, match their shape and dtype, and tile the
+    data section without overlaps or gaps (what the safetensors library itself requires).
+
     Returns:
         (tensors by name, ``__metadata__`` strings). Raises CheckpointError for a truncated or corrupt file.
     """
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > min(size - 8, MAX_HEADER_BYTES):
-            raise CheckpointError(
-                f"{path}: corrupt or truncated safetensors header (claims {header_len} bytes, file has {size})"
-            )
-        try:
-            header = json.loads(handle.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(size - 8, MAX_HEADER_BYTES):
+                raise CheckpointError(
+                    f"{path}: corrupt or truncated safetensors header (claims {header_len} bytes, file has {size})"
+                )
+            raw = handle.read(header_len)
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a folder, not a weight file") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{path}: not a safetensors file (corrupt safetensors header: {_first_line(exc)})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = _header_metadata(path, header.pop("__metadata__", None))
     data_size = size - 8 - header_len
-    tensors = {}
-    for name, entry in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has an unreadable header entry {entry!r} (unsupported dtype or corrupt file)"
-            ) from None
-        if end > data_size:
-            raise CheckpointError(
-                f"{path}: truncated file, tensor {name!r} ends at byte {end} of a {data_size}-byte data section;"
-                " re-download or re-save the checkpoint"
-            )
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise CheckpointError(f"{path}: corrupt header, tensor {name!r} has {end - begin} bytes for shape {shape}")
-        tensors[name] = TensorInfo(name, shape, dtype, path, 8 + header_len + begin)
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
+    tensors = {name: _header_entry(path, name, entry, data_size) for name, entry in header.items()}
+    _check_layout(path, tensors, data_size)
+    return {name: TensorInfo(name, info.shape, info.dtype, path, 8 + header_len + (info.offset or 0))
+            for name, info in tensors.items()}, metadata
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def _header_metadata(path: Path, metadata: object) -> dict[str, str]:
+    """``__metadata__`` as strings; CheckpointError when it is not an object of strings (the format's rule)."""
+    if metadata is None:
+        return {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
+    return dict(metadata)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _header_entry(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
+    """One header entry as a TensorInfo whose `offset` is relative to the data section (fixed up by the caller)."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("dtype"), str):
+        raise CheckpointError(f"{path}: tensor {name!r} has an unreadable header entry; the file is corrupt")
+    dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} has dtype {entry['dtype'][:20]!r}, which loratools does not read"
+            f" ({', '.join(SAFETENSORS_DTYPES)}); convert the file"
+        )
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise CheckpointError(f"{path}: tensor {name!r} has a corrupt shape in the header; the file is corrupt")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+        raise CheckpointError(f"{path}: tensor {name!r} has corrupt data_offsets in the header; the file is corrupt")
+    begin, end = offsets
+    if end < begin:
+        raise CheckpointError(f"{path}: corrupt header, tensor {name!r} ends (byte {end}) before it begins ({begin})")
+    if end > data_size:
+        raise CheckpointError(
+            f"{path}: truncated file, tensor {name!r} ends at byte {end} of a {data_size}-byte data section;"
+            " re-download or re-save the checkpoint"
+        )
+    if end - begin != math.prod(shape) * dtype.itemsize:  # so no shape can claim more bytes than the file has
+        raise CheckpointError(f"{path}: corrupt header, tensor {name!r} has {end - begin} bytes for shape {tuple(shape)}")
+    return TensorInfo(name, tuple(shape), dtype, path, begin)
+
+
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_size: int) -> None:
+    """Tensors must tile the data section: no overlap, no gap, nothing after the last one."""
+    position, previous = 0, None
+    for info in sorted(tensors.values(), key=lambda i: (i.offset or 0, i.nbytes)):
+        begin = info.offset or 0
+        if begin < position:
+            raise CheckpointError(f"{path}: corrupt header, tensors {previous!r} and {info.name!r} overlap")
+        if begin > position:
+            raise CheckpointError(f"{path}: corrupt header, {begin - position} unaccounted bytes before tensor"
+                                  f" {info.name!r}")
+        position, previous = begin + info.nbytes, info.name
+    if position != data_size:
+        raise CheckpointError(
+            f"{path}: {data_size - position} bytes after the last tensor (data section {data_size} bytes);"
+            " the file is corrupt or not what its header says"
+        )
 
 
 class TensorIndex:
@@ -151,10 +208,7 @@ class TensorIndex:
         config_path = (path if path.is_dir() else path.parent) / "config.json"
         self.config: dict | None = None
         if path.is_dir() and config_path.is_file():
-            try:
-                self.config = json.loads(config_path.read_text())
-            except json.JSONDecodeError as exc:
-                raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+            self.config = read_model_config(config_path)
 
     def _read_file_index(self, file: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         if file.suffix == ".safetensors":
@@ -192,11 +246,11 @@ class TensorIndex:
         """Load one tensor, in its stored dtype, on the CPU."""
         info = self.info(name)
         handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
-        if isinstance(handle, dict):
-            return handle[name]
         try:
+            if handle is None:
+                handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
+            if isinstance(handle, dict):
+                return handle[name]
             return handle.get_tensor(name)
         except Exception as exc:  # safetensors raises its own error types for bad data
             raise CheckpointError(f"{info.file}: cannot read tensor {name!r} ({exc})") from None
@@ -270,12 +324,42 @@ def _load_bin(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def read_model_config(config_path: Path) -> dict:
+    """``config.json`` of a model folder; CheckpointError when it is not a JSON object."""
+    try:
+        config = json.loads(config_path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{config_path}: not valid JSON ({_first_line(exc)}); repair or remove it") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: not a JSON object; repair or remove it")
+    return config
+
+
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """The ``weight_map`` of a shard index, checked: tensor names to plain file names inside the index's folder.
+
+    Raises CheckpointError for invalid JSON, a missing or malformed ``weight_map``, and shard paths that are
+    absolute, contain ``..`` or a folder (an index must not send the reader outside its folder).
+    """
+    try:
+        index = json.loads(index_path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{index_path}: not a valid shard index, not JSON ({_first_line(exc)})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index_path}: not a valid shard index (needs a 'weight_map' object of file names)")
+    for name, shard in weight_map.items():
+        if not shard or os.path.basename(shard) != shard or shard in (".", ".."):
+            raise CheckpointError(
+                f"{index_path}: maps {name!r} to {shard!r}, which is not a file name in the index's folder"
+                " (absolute paths, '..' and subfolders are refused); fix the index"
+            )
+    return weight_map
+
+
 def _files_from_index(index_path: Path) -> tuple[list[Path], dict[str, str]]:
     folder = index_path.parent
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{index_path}: not a valid shard index (needs a 'weight_map' object): {exc}") from None
+    weight_map = read_weight_map(index_path)
     files = []
     for shard in sorted(set(weight_map.values())):
         shard_path = folder / shard
@@ -303,7 +387,8 @@ def open_checkpoint(path: str | os.PathLike) -> TensorIndex:
         raise CheckpointError(f"{path}: this is a PEFT adapter folder, not a model checkpoint; pass the model folder")
     for preferred, pattern, single in ((SAFETENSORS_INDEX, "*.safetensors.index.json", SINGLE_FILES[0]),
                                        (BIN_INDEX, "*.bin.index.json", SINGLE_FILES[1])):
-        indexes = [path / preferred] if (path / preferred).is_file() else sorted(path.glob(pattern))
+        indexes = [path / preferred] if (path / preferred).is_file() else sorted(
+            p for p in path.glob(pattern) if p.is_file())
         if len(indexes) > 1:
             names = ", ".join(i.name for i in indexes)
             raise CheckpointError(f"{path}: several shard indexes ({names}); pass the weight file to use")
@@ -312,7 +397,7 @@ def open_checkpoint(path: str | os.PathLike) -> TensorIndex:
             return TensorIndex(path, files, weight_map)
         if (path / single).is_file():
             return TensorIndex(path, [path / single])
-    shards = sorted(path.glob("*.safetensors"))
+    shards = sorted(p for p in path.glob("*.safetensors") if p.is_file())
     if shards:
         return TensorIndex(path, shards)
     raise CheckpointError(

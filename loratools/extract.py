@@ -18,11 +18,13 @@ Decisions:
   parameters (PEFT's ``modules_to_save`` loading needs the unchanged bias next to a changed weight).
 - A layer whose policy rank is 0 (e.g. ``--threshold`` above σ₁) is reported and left out of the adapter.
 - Without ``format``, `formats.default_format` picks it from the base checkpoint (kohya for Stable Diffusion
-  inputs, PEFT otherwise) and the summary says why; a defaulted kohya / diffusers format only compares
-  embeddings (neither layout has them; changed ones are reported), a given one refuses embedding LoRAs. kohya
-  and diffusers keys use each module's diffusers pipeline name (`formats.pipeline_names`: original
-  single-file U-Nets renamed to the diffusers layout), which every Stable Diffusion loader maps; layers
-  without one are named in a note.
+  inputs, PEFT otherwise) and the summary says why. kohya and diffusers keys use each module's diffusers
+  pipeline name (`formats.pipeline_names`: original single-file U-Nets renamed to the diffusers layout), which
+  every Stable Diffusion loader maps; layers without one are named in a note.
+- kohya and diffusers files have no embedding or Conv1D layout. Such layers are compared whole instead: left
+  out when unchanged, listed in the warnings and the report when changed (like a changed norm). Only a layer
+  the user named with an ``--include`` pattern is an error. The decision follows the data, not the plan: an
+  LLM's unchanged ``embed_tokens`` does not stop a kohya extraction.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import os
 import resource
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -43,7 +45,7 @@ from loratools.dtypes import OUTPUT_DTYPES, DType, dtype_name, resolve_dtype
 from loratools.errors import FormatError, LoratoolsError
 from loratools.formats import ORIGINAL_NAMESPACES, default_format, pipeline_names
 from loratools.linalg import pooled_rel_error
-from loratools.names import natural_key, short_list
+from loratools.names import matches, natural_key, short_list
 from loratools.plan import LayerPair, Pairing, Plan, Selection, WholeTensor, plan_extract
 from loratools.policies import RankPolicy
 from loratools.progress import Progress
@@ -214,11 +216,8 @@ def extract(
         format_reason = f"{format}: given with --format"
         if format is None:
             format, format_reason = default_format(list(base_index.tensors), config)
-            if format != "peft" and selection.embeddings == "lora":
-                selection = replace(selection, embeddings="skip")
-                format_reason += f" (embeddings compared only: {format} has no embedding layout)"
         plan = plan_extract(base_index, tuned_index, selection=selection)
-        _check_plan_format(plan, format)
+        _check_plan_format(plan, format, selection)
         names = pipeline_names(list(base_index.tensors), config) if format != "peft" else None
         _check_pipeline_names(plan, names, format)
         out_dtype = written_dtype or _tuned_dtype(plan, tuned_index)
@@ -277,13 +276,32 @@ def extract(
     return result
 
 
-def _check_plan_format(plan: Plan, format: str) -> None:
+LEFT_OUT = "(--format peft keeps it)"  # ends the `why` of layers a kohya or diffusers file cannot hold
+
+
+def _check_plan_format(plan: Plan, format: str, selection: Selection = Selection()) -> None:
+    """Fit the plan to what `format` can hold (kohya, diffusers: no embedding or Conv1D LoRAs, no whole tensors).
+
+    A layer the format cannot hold is compared whole instead of extracted: reported when changed (warning and
+    report), like a changed norm. It is an error only when the user named it with an ``--include`` pattern.
+    Whole tensors asked for (--save-full, --embeddings full) are refused.
+    """
     if format == "peft":
         return
-    odd = [p for p in plan.pairs if p.kind in ("embedding", "conv1d")]
-    if odd:
-        fix = "--embeddings skip (or full with --format peft)" if odd[0].kind == "embedding" else "--format peft"
-        raise FormatError(f"{odd[0].tensor}: {format} has no {odd[0].kind} layout; use {fix}, or --exclude it")
+    kept = []
+    for pair in plan.pairs:
+        if pair.kind not in ("embedding", "conv1d"):
+            kept.append(pair)
+            continue
+        pattern = matches(pair.tensor, selection.include) if selection.include else None
+        if pattern is not None:
+            raise FormatError(f"{pair.tensor}: {format} has no {pair.kind} layout, but --include {pattern!r} asks for"
+                              " it; use --format peft, or an --include pattern that leaves it out")
+        why = f"{pair.kind}: {format} has no {pair.kind} layout {LEFT_OUT}"
+        plan.whole.append(WholeTensor(pair.tensor, pair.shape, False, why))
+    if len(kept) != len(plan.pairs):
+        plan.pairs = kept
+        plan.whole.sort(key=lambda w: natural_key(w.tensor))
     saved = [w for w in plan.whole if w.save]
     if saved:
         raise FormatError(f"{saved[0].tensor}: {format} files cannot hold whole tensors (--save-full/--embeddings"
@@ -397,7 +415,11 @@ def _finish_summary(result: ExtractResult, adapter: Adapter, out_dtype: torch.dt
     if zero:
         notes.append(f"{len(zero)} changed layer(s) got rank 0 under {summary.rank_policy} and are not in the"
                      f" adapter: {short_list(zero)}")
-    dropped = [c.name for c in result.changed if not c.saved]
+    left_out = [c.name for c in result.changed if not c.saved and c.why.endswith(LEFT_OUT)]
+    if left_out:
+        notes.append(f"{len(left_out)} changed tensor(s) the {summary.format} format cannot hold were left out: "
+                     f"{short_list(left_out)}; use --format peft to keep them")
+    dropped = [c.name for c in result.changed if not c.saved and not c.why.endswith(LEFT_OUT)]
     if dropped:
         notes.append(f"{len(dropped)} changed tensor(s) cannot be a LoRA and were not saved: {short_list(dropped)};"
                      " save them whole with --save-full PATTERN (PEFT modules_to_save)")

@@ -31,7 +31,7 @@ from loratools.adapter_files import load_usable
 from loratools.algebra import adapter_weights
 from loratools.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, TensorIndex, open_checkpoint
 from loratools.dtypes import DType, accumulation_dtype, dtype_name, resolve_dtype
-from loratools.errors import LoratoolsError, ShapeError
+from loratools.errors import CheckpointError, LoratoolsError, ShapeError
 from loratools.matching import Target, match_adapter
 from loratools.names import short_list
 from loratools.progress import Progress
@@ -135,6 +135,19 @@ def apply_ops(weight: torch.Tensor, ops: Sequence[Contribution]) -> torch.Tensor
     return acc
 
 
+def check_merged_finite(merged: torch.Tensor, name: str, index: TensorIndex) -> None:
+    """CheckpointError naming the tensor (and the base file when it is the cause) when a merged tensor holds nan
+    or inf: a base tensor that already did, or a sum that overflows the output dtype."""
+    if not merged.is_floating_point() or bool(torch.isfinite(merged).all()):
+        return
+    info = index.info(name)
+    if not bool(torch.isfinite(index.get(name)).all()):
+        raise CheckpointError(f"{name}: non-finite values (nan or inf) in {index.path} ({info.file.name}); the base"
+                              " checkpoint is corrupt or overflowed: repair it; nothing was written")
+    raise CheckpointError(f"{name}: the merged weight overflows {dtype_name(merged.dtype)} (nan or inf); lower the"
+                          " adapter weights (-w) or write a wider --dtype; nothing was written")
+
+
 def _output_file(name: str) -> str:
     stem = name[: -len(Path(name).suffix)] if Path(name).suffix in WEIGHT_SUFFIXES else name
     if stem.startswith("pytorch_model"):
@@ -212,7 +225,10 @@ def merge(
             done += 1
             if progress:
                 progress(done, len(index), spec.name)
-            return tensor.to(spec.dtype)
+            written = tensor.to(spec.dtype)
+            if spec.name in ops:
+                check_merged_finite(written, spec.name, index)
+            return written
 
         all_specs = [spec for group in specs.values() for spec in group]
         metadata = {**index.metadata, **provenance("merge", [base, *adapters], {"weights": weights})}

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from loratools.errors import LoratoolsError
+from loratools.writer import atomic_output
 
 MAX_GROUPS = 12
 
@@ -95,7 +96,8 @@ def plot_spectra(spectra: Iterable[tuple[str, torch.Tensor, float]], path: str |
     axes[-1][0].set_xlabel("index i", fontsize=9)
     axes[-1][1].set_xlabel("rank", fontsize=9)
     fig.suptitle(f"{title}\ncolour: first (purple) to last (yellow) module of each type", fontsize=11)
-    fig.savefig(path)
+    with atomic_output(path, force=True) as tmp:  # replaces an older plot, never writes through a link
+        fig.savefig(tmp, format="png")
     return path
 
 

@@ -214,10 +214,13 @@ def test_conv_rank_applies_to_conv_layers_only(tmp_path):
     assert {r for k, r in ranks.values() if k == "linear"} == {4}
 
 
-def test_kohya_refuses_embeddings_before_computing(tmp_path, monkeypatch):
+def test_kohya_refuses_embeddings_named_by_include_before_computing(tmp_path, monkeypatch):
+    """Only an --include naming an embedding makes kohya refuse it (else it is compared and reported when changed:
+    tests/test_guarantees.py); that refusal comes from the plan, before any tensor is read."""
     monkeypatch.setattr(TensorIndex, "get", lambda self, name: pytest.fail("read tensor data"))
-    with pytest.raises(LoratoolsError, match="--embeddings skip"):
-        extract(LLAMA_BASE, LLAMA_TUNED, tmp_path / "k.safetensors", format="kohya")
+    with pytest.raises(LoratoolsError, match="--include 'embed_tokens'"):
+        extract(LLAMA_BASE, LLAMA_TUNED, tmp_path / "k.safetensors", format="kohya",
+                selection=Selection(include=("embed_tokens",)))
 
 
 # ---- report, dry run, determinism ------------------------------------------------------------------------------

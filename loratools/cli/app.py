@@ -1,11 +1,13 @@
 """The click group: ``-h/--help``, ``--version``, ``--debug``, and the error boundary every command shares.
 
-Errors: any LoratoolsError becomes one line ``error: …`` on stderr and exit code 2 (``--debug`` shows the
-traceback); usage errors are one line too, naming the command's ``--help``.
+Errors: any LoratoolsError (and any stray OSError) becomes one line ``error: …`` on stderr and exit code 2
+(``--debug`` shows the traceback); usage errors are one line too, naming the command's ``--help``. Ctrl-C,
+SIGTERM and SIGHUP unwind the run (temporaries removed) and exit with 128 + the signal number.
 """
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import click
@@ -31,9 +33,15 @@ class LoratoolsGroup(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
-        except KeyboardInterrupt:
-            click.echo("error: interrupted; no output was written", err=True)
-            ctx.exit(130)
+        except OSError as exc:  # not one of ours: still one line (a disk error reading an input, ...)
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {exc}; no output was written", err=True)
+            ctx.exit(2)
+        except KeyboardInterrupt as exc:
+            signum = getattr(exc, "signum", signal.SIGINT)
+            click.echo(f"error: interrupted ({signal.Signals(signum).name}); no output was written", err=True)
+            ctx.exit(128 + signum)
 
 
 @click.group("loratools", cls=LoratoolsGroup, context_settings=CONTEXT_SETTINGS)
@@ -52,6 +60,21 @@ def cli(debug: bool) -> None:
     """
 
 
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when SIGTERM (or SIGHUP) arrives, so it unwinds like Ctrl-C: temporaries removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(signum)
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: SIGTERM and SIGHUP end the run the way Ctrl-C does (no output, no temporaries)."""
+    for name in ("SIGTERM", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), _raise_terminated)
     cli(prog_name="loratools")
