@@ -381,3 +381,36 @@ def test_missing_extras_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxscript" else real(name, *a))
     result = run_cli("export-onnx", LLAMA_BASE, "-o", tmp_path / "m.onnx", expect=2)
     assert_one_line_error(result, "pip install 'loratools[export]'")
+
+
+def test_symlinked_output_is_replaced_not_written_through(bert, tmp_path):
+    target = tmp_path / "blob"
+    target.write_text("a shared blob")
+    link = tmp_path / "model.onnx"
+    link.symlink_to(target)
+    run_cli("export-onnx", bert[0] / "base", "-o", link, "--force", "--no-verify", "-q")
+    assert not link.is_symlink() and link.stat().st_size > 1000
+    assert target.read_text() == "a shared blob"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blob", "model.onnx"]
+
+
+def test_output_inside_the_model_folder_is_refused(bert):
+    root = bert[0]
+    before = sorted(p.name for p in (root / "base").iterdir())
+    result = run_cli("export-onnx", root / "base", "-o", root / "base" / "model.onnx", expect=2)
+    assert_one_line_error(result, "inside input")
+    assert sorted(p.name for p in (root / "base").iterdir()) == before
+
+
+def test_full_disk_while_writing_is_one_line_and_leaves_nothing(bert, tmp_path, monkeypatch):
+    import errno
+
+    import loratools.export.runtime as runtime
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(runtime, "save_ir", no_space)
+    result = run_cli("export-onnx", bert[0] / "base", "-o", tmp_path / "out" / "m.onnx", expect=2)
+    assert_one_line_error(result, "No space left on device", "m.onnx")
+    assert list((tmp_path / "out").iterdir()) == []

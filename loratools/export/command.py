@@ -30,7 +30,7 @@ from typing import Any
 from loratools.algebra import adapter_weights
 from loratools.errors import ExportError, LoratoolsError, OutputError
 from loratools.progress import Progress
-from loratools.writer import check_output
+from loratools.writer import check_output, output_path, remove_stale_temporaries, write_error
 
 DTYPES = ("fp32", "fp16")
 QUANTIZE = ("int8",)
@@ -280,11 +280,16 @@ def export_onnx(
     program = trace.trace(module)
     timings["trace"] = time.perf_counter() - start
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out.parent / f".{out.name}.loratools-tmp-{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir()
+    target = output_path(out)  # a symlinked -o is replaced, its target never written
     report: ExportCheck | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target)
+        tmp_dir = target.parent / f".{target.name}.loratools-tmp-{os.getpid()}"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir()
+    except OSError as exc:
+        raise write_error(out, exc) from None
     try:
         start = step("write")
         removed = runtime.finish_model(program.model, prefix=trace.WRAPPER_ATTRIBUTE + ".")
@@ -316,9 +321,11 @@ def export_onnx(
             if not report.passed and not keep_on_fail:
                 raise ExportError(f"{out}: verification failed: {report.failure()}; nothing was written"
                                   " (--keep-on-fail keeps the file, --atol sets the tolerance)")
-        if out.exists() and not force:  # appeared while exporting
+        if target.exists() and not force:  # appeared while exporting
             raise OutputError(f"{out}: already exists; pass --force to replace it or choose another -o path")
-        _place(tmp_dir, out)
+        _place(tmp_dir, target)
+    except OSError as exc:
+        raise write_error(out, exc) from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     if progress:
