@@ -156,14 +156,15 @@ def _save_proto(proto: onnx.ModelProto, path: Path, *, external: bool) -> None:
         onnx.save_model(proto, str(path))
 
 
-def to_fp16(src: Path, dst: Path, *, external: bool) -> None:
+def to_fp16(src: Path, dst: Path, *, external: bool, keep: Sequence[str] | None = None) -> None:
     """Convert an fp32 graph file to fp16 weights and compute (onnxruntime's converter); inputs and outputs stay
-    fp32 (``keep_io_types``) so feeds are the same as for the fp32 graph."""
+    fp32 (``keep_io_types``) so feeds are the same as for the fp32 graph; with `keep`, only those named do (LoRA
+    slot inputs then become fp16)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     with quiet():
         proto = onnx.load(str(src))
-        converted = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=external)
+        converted = convert_float_to_float16(proto, keep_io_types=list(keep) if keep is not None else True, disable_shape_infer=external)
     _save_proto(converted, dst, external=external)
 
 

@@ -223,9 +223,12 @@ def quiet_exporter() -> Iterator[None]:
             logging.getLogger(name).setLevel(level)
 
 
-def trace(module: GraphModule) -> Any:
+def trace(module: GraphModule, *, extra: Sequence[tuple[str, torch.Tensor, dict]] = ()) -> Any:
     """Export `module` with torch.onnx (dynamo=True) on inputs of TRACE_SHAPE, batch and sequence dynamic.
 
+    Args:
+        extra: further positional inputs after the graph's own, as (name, sample tensor, dynamic axes), e.g. the
+            LoRA slots of `slots.SlottedModule`.
     Returns:
         torch.onnx.ONNXProgram (in memory; `runtime.write_model` finishes and saves it).
     """
@@ -236,12 +239,12 @@ def trace(module: GraphModule) -> Any:
         with quiet_exporter():
             return torch.onnx.export(
                 module,
-                tuple(inputs.values()),
+                (*inputs.values(), *(sample for _, sample, _ in extra)),
                 dynamo=True,
                 verbose=False,
-                input_names=list(module.spec.inputs),
+                input_names=[*module.spec.inputs, *(name for name, _, _ in extra)],
                 output_names=list(module.spec.outputs),
-                dynamic_shapes=_dynamic_shapes(module.spec),
+                dynamic_shapes=((*_dynamic_shapes(module.spec)[0], *(axes for _, _, axes in extra)),),
             )
     except ImportError as exc:
         raise ExportError(f"torch.onnx needs {exc.name or 'onnxscript'}: pip install 'loratools[export]'") from None
