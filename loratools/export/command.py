@@ -205,7 +205,7 @@ def _check_generation(module: Any, sess: Any, *, strict: bool) -> dict:
     }
 
 
-def _place(tmp_dir: Path, out: Path) -> None:
+def place_files(tmp_dir: Path, out: Path) -> None:
     """Rename the verified files from `tmp_dir` into place: the .data file first, the graph last."""
     from loratools.export.runtime import data_file
 
@@ -292,8 +292,9 @@ def export_onnx(
     if lora_slots:
         from loratools.export.slots import SlottedModule, resolve_slots
 
-        module = SlottedModule(loaded.model, spec, resolve_slots(loaded.model, lora_slots, label=str(model)))
-        program = trace.trace(module, extra=module.trace_extra())
+        slotted = SlottedModule(loaded.model, spec, resolve_slots(loaded.model, lora_slots, label=str(model)))
+        module: trace.GraphModule = slotted
+        program = trace.trace(slotted, extra=slotted.trace_extra())
     else:
         module = trace.GraphModule(loaded.model, spec)
         program = trace.trace(module)
@@ -310,7 +311,7 @@ def export_onnx(
         if lora_slots:
             from loratools.export.multilora import add_slots
 
-            add_slots(program.model, module)
+            add_slots(program.model, slotted)
         fp32_bytes = runtime.weight_bytes(program.model)
         external = external_data or fp32_bytes * BYTES_PER_WEIGHT[precision] > runtime.PROTOBUF_LIMIT
         graph = tmp_dir / out.name
@@ -344,7 +345,7 @@ def export_onnx(
                                   " (--keep-on-fail keeps the file, --atol sets the tolerance)")
         if out.exists() and not force:  # appeared while exporting
             raise OutputError(f"{out}: already exists; pass --force to replace it or choose another -o path")
-        _place(tmp_dir, out)
+        place_files(tmp_dir, out)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     if progress:

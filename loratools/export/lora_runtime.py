@@ -28,7 +28,7 @@ from onnx import numpy_helper
 from loratools.errors import CheckpointError, ExportError
 from loratools.export.runtime import quiet
 
-ONNX_DTYPES = {
+ONNX_DTYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.FLOAT16: "float16",
     onnx.TensorProto.BFLOAT16: "bfloat16",
@@ -170,7 +170,7 @@ class OnnxWeights:
         if len(raw) != expected:
             raise ExportError(f"{name}: {len(raw)} bytes for an initializer of {expected}")
         for field in ("float_data", "int32_data", "double_data", "external_data"):
-            tensor.ClearField(field)  # type: ignore[arg-type]
+            tensor.ClearField(field)
         tensor.data_location = onnx.TensorProto.DEFAULT
         tensor.raw_data = raw
 
@@ -188,6 +188,8 @@ class OnnxWeights:
             onnx.save_model(self.proto, str(path))
 
 
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
 def _itemsize(data_type: int) -> int:
-    return {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.BFLOAT16: 2,
-            onnx.TensorProto.DOUBLE: 8}.get(data_type, 0)
+    return ITEMSIZE.get(ONNX_DTYPES.get(data_type, ""), 0)

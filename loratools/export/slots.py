@@ -79,8 +79,8 @@ def _layer_layout(layer: torch.nn.Module) -> tuple[str, int, int] | None:
     if isinstance(layer, torch.nn.Linear):
         return "linear", int(layer.in_features), int(layer.out_features)
     if type(layer).__name__ == "Conv1D" and getattr(layer, "weight", None) is not None:  # transformers' Conv1D
-        rows, cols = layer.weight.shape
-        return "conv1d", int(rows), int(cols)
+        weight = cast(torch.Tensor, layer.weight)
+        return "conv1d", int(weight.shape[0]), int(weight.shape[1])
     return None
 
 
