@@ -185,13 +185,13 @@ def export_adapter(
     _check_dtype(dtype, graph_dtype, slots, onnx)
     source = load_usable(adapter)
     index = shape_index(str(onnx), {slot.module + ".weight": slot.base_shape for slot in slots})
-    match = match_slots(source, index) if source.modules or source.full else None
-    if match is None or not match.targets:
-        raise ShapeError(f"{adapter}: no LoRA module of this adapter has a slot in {onnx}")
+    match = match_slots(source, index, label=str(adapter))
     if match.missing:
         raise ShapeError(f"{adapter}: {len(match.missing)} module(s) have no LoRA slot in {onnx}:"
                          f" {short_list(list(match.missing))}; export the base with --lora-slots {adapter}"
                          " (or list those modules)")
+    if not match.targets:
+        raise ShapeError(f"{adapter}: the adapter has no LoRA module")
     cast = TORCH_DTYPES[graph_dtype]
     arrays, ranks = {}, {}
     for slot in slots:

@@ -2,7 +2,7 @@
 
 torch and transformers only (transformers through the model given). A slot on a module adds
 ``(x @ A) @ B`` to its output, A (in, r) and B (r, out) being graph inputs named like Olive's
-``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` with a dynamic rank axis ``lora_r``.
+``<module>.lora_A.weight`` / ``<module>.lora_B.weight`` with a dynamic rank axis ``lora_r_<i>``.
 
 Decisions:
 - Slots go on ``nn.Linear`` (weight (out, in), y = x·Wᵀ + b) and transformers' ``Conv1D`` (GPT-2: weight
@@ -25,7 +25,7 @@ from typing import Any, cast
 
 import torch
 
-from loratools.adapter import LoraModule
+from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_files import load_usable
 from loratools.checkpoint import TensorIndex, TensorInfo
 from loratools.errors import ExportError, ShapeError
@@ -34,8 +34,8 @@ from loratools.matching import AdapterMatch, match_adapter
 from loratools.names import short_list
 
 LAYOUTS = ("linear", "conv1d")
-RANK_AXIS = "lora_r"
-TRACE_RANK = 3  # the rank used to trace (not 0 or 1: torch.export would specialize the axis)
+RANK_AXIS = "lora_r"  # slot i's rank axis is lora_r_i (see trace_extra)
+TRACE_RANK = 16  # slot i is traced at rank 16 + i: not 0 or 1 (specialized), none equal (duck-sized together)
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
 METADATA_KEY = "loratools.lora_slots"  # graph metadata: JSON {module: [layout, in, out]}
 
@@ -117,16 +117,15 @@ def shape_index(label: str, shapes: dict[str, tuple[int, ...]]) -> TensorIndex:
     return cast(TensorIndex, _ShapeIndex(label, shapes))
 
 
-def match_slots(adapter_source: Any, index: TensorIndex) -> AdapterMatch:
-    """Match an adapter (path or Adapter) to `index`; ShapeError for full tensors and modules that do not fit."""
-    adapter = load_usable(adapter_source) if isinstance(adapter_source, (str, Path)) else adapter_source
+def match_slots(adapter: Adapter, index: TensorIndex, *, label: str) -> AdapterMatch:
+    """Match `adapter` (read from `label`) to `index`; ShapeError for full tensors and modules that do not fit."""
     if adapter.full:
-        raise ShapeError(f"{adapter_source}: {short_list(sorted(adapter.full))} saved whole (modules_to_save) cannot"
+        raise ShapeError(f"{label}: {short_list(sorted(adapter.full))} saved whole (modules_to_save) cannot"
                          " go into a LoRA slot; merge them into the base first (export-onnx -a) or drop them")
     match = match_adapter(adapter, index)
     if match.misfit:
         name, why = next(iter(match.misfit.items()))
-        raise ShapeError(f"{adapter_source}: {name} is {why}; the adapter was made for another model")
+        raise ShapeError(f"{label}: {name} is {why}; the adapter was made for another model")
     return match
 
 
@@ -143,7 +142,7 @@ def resolve_slots(model: torch.nn.Module, spec: str, *, label: str) -> list[Slot
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     if Path(spec).exists():
         shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
-        match = match_slots(Path(spec), shape_index(label, shapes))
+        match = match_slots(load_usable(spec), shape_index(label, shapes), label=spec)
         if match.missing:
             raise ShapeError(f"{spec}: {len(match.missing)} adapter module(s) match no layer of {label}:"
                              f" {short_list(list(match.missing))}; is the adapter for this model?")
@@ -208,13 +207,17 @@ class SlottedModule(GraphModule):
             self.active = {}
 
     def trace_extra(self) -> list[tuple[str, torch.Tensor, dict]]:
-        """(name, sample, dynamic axes) of every slot input, for `trace.trace(extra=...)`."""
-        rank = torch.export.Dim(RANK_AXIS, min=0)
+        """(name, sample, dynamic axes) of every slot input, for `trace.trace(extra=...)`.
+
+        One rank axis per slot (``lora_r_<i>``), shared by its A and B: onnxruntime plans buffers assuming inputs
+        with the same symbolic dimension have the same size, so one axis for all slots breaks with mixed ranks.
+        """
         generator = torch.Generator().manual_seed(4)
         extra = []
-        for slot in self.slots:
-            a = torch.randn(slot.in_features, TRACE_RANK, generator=generator) * 0.02
-            b = torch.randn(TRACE_RANK, slot.out_features, generator=generator) * 0.02
+        for i, slot in enumerate(self.slots):
+            rank = torch.export.Dim(f"{RANK_AXIS}_{i}", min=0)
+            a = torch.randn(slot.in_features, TRACE_RANK + i, generator=generator) * 0.02
+            b = torch.randn(TRACE_RANK + i, slot.out_features, generator=generator) * 0.02
             extra += [(slot.a_name, a, {1: rank}), (slot.b_name, b, {0: rank})]
         return extra
 
