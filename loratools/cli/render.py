@@ -378,8 +378,8 @@ def show_export(result: ExportResult, quiet: bool) -> None:
     for name, size in result.files.items():
         console.print(f"  wrote {result.out.parent / name}  {_human_bytes(size)}")
     if result.slots:
-        console.print(f"  {len(result.slots)} LoRA slot(s): inputs <module>.lora_A.weight (in, lora_r) and"
-                      f" <module>.lora_B.weight (lora_r, out), empty by default; e.g. {result.slots[0]}")
+        console.print(f"  {len(result.slots)} LoRA slot(s): inputs <module>.lora_A.weight (in, r) and"
+                      f" <module>.lora_B.weight (r, out), r dynamic, empty by default; e.g. {result.slots[0]}")
     console.print("  timings: " + ", ".join(f"{step} {seconds:.1f}s" for step, seconds in result.timings.items()))
     check = result.verification
     if check is None:

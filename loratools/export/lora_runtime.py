@@ -112,10 +112,11 @@ def run_with_adapters(sess: ort.InferenceSession, feeds: dict[str, np.ndarray],
                       adapters: Sequence[str | os.PathLike]) -> dict[str, np.ndarray]:
     """Outputs by name of one run with the adapter files `adapters` active."""
     options = ort.RunOptions()
+    loaded = []  # RunOptions does not keep its adapters alive: hold them until the run is done
     for path in adapters:
-        lora = ort.LoraAdapter()
-        lora.Load(str(path))
-        options.add_active_adapter(lora)
+        loaded.append(ort.LoraAdapter())
+        loaded[-1].Load(str(path))
+        options.add_active_adapter(loaded[-1])
     names = [o.name for o in sess.get_outputs()]
     return dict(zip(names, sess.run(names, feeds, options), strict=True))
 
