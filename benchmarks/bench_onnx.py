@@ -10,6 +10,14 @@ PEFT-style adapter for it, exports base + adapter with ``export_onnx(..., with_p
 - prefill: one forward over a (batch, seq) prompt, empty cache;
 - decode: per-token latency of 16 greedy steps after a 128-token prompt (cache reused between steps).
 Prints the best of --repeats runs in milliseconds (the minimum: robust to other load on a shared machine), ratios (PyTorch / ORT fp32: > 1 means ORT is faster; int8 / fp32) and sizes.
+
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_onnx.py --multilora [--threads 2] [--rank 16]
+
+onnxruntime multi-LoRA instead: the same model exported once with LoRA slots on every projection of every layer
+(``--lora-slots``), a rank-16 adapter on all of them (``export-adapter``), against the plain export with that
+adapter merged: prefill and per-token decode with no adapter and with the adapter active (the cost of the LoRA
+branch), then the switch: loading an adapter file, and decode steps that alternate two adapters run by run
+against steps that keep one.
 """
 
 from __future__ import annotations
@@ -111,12 +119,15 @@ def ort_prefill(sess, batch: int, seq: int):
     return lambda: sess.run(None, feeds)
 
 
-def ort_decode(sess, batch: int, prompt: int):
+def ort_decode(sess, batch: int, prompt: int, options: list | None = None):
+    """Per-token decode with the cache; step i runs with options[i % len(options)] (RunOptions: the active
+    adapter; None or one entry: no switching)."""
     names = [o.name for o in sess.get_outputs()]
     feeds = ort_feeds(sess, batch, prompt)
+    options = options or [None]
 
     def run():
-        out = dict(zip(names, sess.run(names, feeds), strict=True))
+        out = dict(zip(names, sess.run(names, feeds, options[0]), strict=True))
         start = time.perf_counter()
         for step in range(DECODE_STEPS):
             token = out["logits"][:, -1:].argmax(-1).astype(np.int64)
@@ -124,7 +135,7 @@ def ort_decode(sess, batch: int, prompt: int):
                           "position_ids": np.full((batch, 1), prompt + step, np.int64)}
             step_feeds |= {n.replace("present.", "past_key_values."): v for n, v in out.items()
                            if n.startswith("present.")}
-            out = dict(zip(names, sess.run(names, step_feeds), strict=True))
+            out = dict(zip(names, sess.run(names, step_feeds, options[step % len(options)]), strict=True))
         run.per_token = (time.perf_counter() - start) / DECODE_STEPS
 
     return run
@@ -139,14 +150,116 @@ def per_token_ms(run, repeats: int) -> float:
     return min(values) * 1000
 
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def build_rank_adapter(folder: Path, base: Path, rank: int, seed: int) -> Path:
+    """A PEFT adapter of `rank` on every projection of every layer, random (scaled to matter, not to explode)."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in model.named_modules():
+        if name.endswith(PROJECTIONS):
+            key = f"base_model.model.{name}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, module.in_features, generator=generator) * 0.02
+            tensors[f"{key}.lora_B.weight"] = torch.randn(module.out_features, rank, generator=generator) * 0.02
+    folder.mkdir()
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+        "target_modules": list(PROJECTIONS), "fan_in_fan_out": False, "bias": "none",
+    }))
+    return folder
+
+
+KEEP_ALIVE: list = []  # RunOptions does not keep its LoraAdapter alive
+
+
+def run_options(path: Path | None) -> ort.RunOptions:
+    options = ort.RunOptions()
+    if path is not None:
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(path))
+        options.add_active_adapter(adapter)
+        KEEP_ALIVE.append(adapter)
+    return options
+
+
+def multilora(args) -> None:
+    from loratools.export import export_adapter
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base, _ = build_model(root, args.hidden, args.layers)
+        first = build_rank_adapter(root / "a16", base, args.rank, seed=1)
+        second = build_rank_adapter(root / "b16", base, args.rank, seed=2)
+        merged = export_onnx(base, root / "merged.onnx", adapters=[first], with_past=True)
+        slotted = export_onnx(base, root / "slots.onnx", with_past=True, lora_slots=",".join(PROJECTIONS))
+        files = {}
+        for name, adapter in (("a", first), ("b", second)):
+            result = export_adapter(adapter, root / f"{name}.onnx_adapter", onnx=root / "slots.onnx", verify=base)
+            files[name] = result.out
+            check = result.verification.outputs[0]
+            print(f"adapter {name}: rank {args.rank} on {result.filled} slots, {result.bytes / 2**20:.2f} MiB,"
+                  f" logits max abs diff vs merged PyTorch {check.max_abs_diff:.2e}"
+                  f" ({'passed' if result.verification.passed else 'FAILED'})")
+        print(f"merged export {sum(merged.files.values()) / 2**20:.1f} MiB, slotted export"
+              f" {sum(slotted.files.values()) / 2**20:.1f} MiB with {len(slotted.slots)} slots")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = args.threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions = {name: ort.InferenceSession(str(root / f"{name}.onnx"), options, providers=["CPUExecutionProvider"])
+                    for name in ("merged", "slots")}
+        none, active, other = run_options(None), run_options(files["a"]), run_options(files["b"])
+        columns = {"merged": (sessions["merged"], none), "slots, none": (sessions["slots"], none),
+                   f"slots, r{args.rank}": (sessions["slots"], active)}
+        rows: dict[str, dict[str, float]] = {}
+        for column, (sess, opts) in columns.items():
+            for batch, seq in PREFILL[:3]:
+                feeds = ort_feeds(sess, batch, seq)
+                rows.setdefault(f"prefill b{batch} s{seq}", {})[column] = best_ms(
+                    lambda sess=sess, feeds=feeds, opts=opts: sess.run(None, feeds, opts), args.repeats)
+            for batch in DECODE_BATCHES:
+                rows.setdefault(f"decode b{batch} past128 /token", {})[column] = per_token_ms(
+                    ort_decode(sess, batch, 128, [opts]), max(3, args.repeats // 3))
+        sess = sessions["slots"]
+        switch = {
+            "same adapter every step": per_token_ms(ort_decode(sess, 1, 128, [active]), max(3, args.repeats // 3)),
+            "alternate a/b every step": per_token_ms(ort_decode(sess, 1, 128, [active, other]),
+                                                     max(3, args.repeats // 3)),
+        }
+        load_ms = best_ms(lambda: ort.LoraAdapter().Load(str(files["a"])), args.repeats)
+
+    print(f"\nmulti-LoRA: Llama hidden {args.hidden}, {args.layers} layers, vocab 8192, {args.threads} threads;"
+          f" onnxruntime {ort.__version__}; best of {args.repeats}, ms")
+    names = list(columns)
+    header = f"{'case':<26}" + "".join(f"{n:>14}" for n in names) + f"{'none/merged':>13}{'r/merged':>10}"
+    print(header)
+    print("-" * len(header))
+    for case, row in rows.items():
+        values = [row[n] for n in names]
+        print(f"{case:<26}" + "".join(f"{v:>14.2f}" for v in values)
+              + f"{values[1] / values[0]:>12.2f}×{values[2] / values[0]:>9.2f}×")
+    print(f"\nadapter switch: LoraAdapter.Load {load_ms:.2f} ms per file;"
+          f" decode b1 past128 /token: same adapter {switch['same adapter every step']:.2f} ms,"
+          f" alternating two adapters {switch['alternate a/b every step']:.2f} ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--multilora", action="store_true", help="Time onnxruntime multi-LoRA instead (see above).")
+    parser.add_argument("--rank", type=int, default=16, help="--multilora: the adapters' rank.")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.multilora:
+        multilora(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         base, adapter = build_model(root, args.hidden, args.layers)

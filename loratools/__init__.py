@@ -22,8 +22,9 @@ Layers, bottom up; a module imports only from layers below its own (checked by s
     inspection, merge,                 layers below, writes atomically and returns a result
     adapter_commands
     export (model, trace, runtime,     export-onnx: the merged model in memory (transformers), traced with
-    command)                           torch.onnx, written and verified; runtime is the only importer of onnx
-                                       and onnxruntime
+    command, slots, lora_runtime,      torch.onnx, written and verified; multi-LoRA slots and adapter files
+    multilora, onnx_merge)             (export-adapter); adapters merged into an existing ONNX model; runtime
+                                       and lora_runtime are the only importers of onnx and onnxruntime
     cli (app, options, render, commands)   the only importer of click and rich
     plot                               --plot PNGs, the only importer of matplotlib (used by cli)
     __init__                           this public API; nothing inside the package imports it
@@ -48,7 +49,7 @@ from loratools.errors import (
     OutputError,
     ShapeError,
 )
-from loratools.export import ExportResult, export_onnx
+from loratools.export import AdapterExportResult, ExportResult, OnnxMergeResult, export_adapter, export_onnx, merge_onnx
 from loratools.extract import ExtractResult, extract
 from loratools.inspection import InspectReport, inspect_adapter
 from loratools.linalg import factor_spectrum
@@ -62,6 +63,7 @@ from loratools.version import __version__
 
 __all__ = [
     "Adapter",
+    "AdapterExportResult",
     "AdapterResult",
     "CheckpointError",
     "ExportError",
@@ -72,6 +74,7 @@ __all__ = [
     "LoraModule",
     "LoratoolsError",
     "MergeResult",
+    "OnnxMergeResult",
     "OutputError",
     "RankPolicy",
     "Selection",
@@ -84,6 +87,7 @@ __all__ = [
     "combine",
     "combine_adapters",
     "convert",
+    "export_adapter",
     "export_onnx",
     "extract",
     "factor_spectrum",
@@ -91,6 +95,7 @@ __all__ = [
     "load_adapter",
     "low_rank",
     "merge",
+    "merge_onnx",
     "open_checkpoint",
     "plan_extract",
     "randomized_svd",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -180,15 +181,26 @@ def llama_from(folder: Path):
     return model.eval()
 
 
-def tiny_random_llama(seed: int):
-    """A randomly initialised LlamaForCausalLM (hidden 32, 2 layers, GQA, vocab 64), seeded."""
+def tiny_random_llama(seed: int, *, max_positions: int = 32, **config: object):
+    """A randomly initialised LlamaForCausalLM (hidden 32, 2 layers, GQA, vocab 64), seeded; `config` overrides."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
+    llama_config = transformers.LlamaConfig(
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64, max_position_embeddings=32,
+        vocab_size=64, max_position_embeddings=max_positions, **config,
     )
     torch.manual_seed(seed)
-    return transformers.LlamaForCausalLM(config)
+    return transformers.LlamaForCausalLM(llama_config)
+
+
+def save_tiny_gpt2(folder: Path, seed: int = 7) -> Callable[[], Any]:
+    """Save a random GPT2LMHeadModel (Conv1D layers; n_embd 32, 2 layers, vocab 80) to `folder`; returns a loader
+    of fresh eval-mode copies."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=80, n_positions=64, bos_token_id=0,
+                                     eos_token_id=1)
+    torch.manual_seed(seed)
+    transformers.GPT2LMHeadModel(config).save_pretrained(str(folder))
+    return lambda: transformers.GPT2LMHeadModel.from_pretrained(str(folder)).eval()
 
 
 def logits(model, ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import LLAMA_BASE
-from tests.helpers import llama_from, run_cli
+from tests.helpers import llama_from, run_cli, save_tiny_gpt2, tiny_random_llama
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -106,11 +106,7 @@ def assert_one_line_error(result, *needles: str) -> None:
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama")
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
-                                      bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(str(root / "base"))
+    tiny_random_llama(0, max_positions=64, bos_token_id=1, eos_token_id=2).save_pretrained(str(root / "base"))
     base = lambda: transformers.LlamaForCausalLM.from_pretrained(str(root / "base")).eval()  # noqa: E731
     peft_adapter(base(), root / "peft", ["q_proj", "v_proj", "down_proj"], seed=1)
     generator = torch.Generator().manual_seed(2)
@@ -214,11 +210,7 @@ def test_qwen2_bf16_sharded_tied_with_adapter(qwen2):
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt2")
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=80, n_positions=64, bos_token_id=0,
-                                     eos_token_id=1)
-    torch.manual_seed(7)
-    transformers.GPT2LMHeadModel(config).save_pretrained(str(root / "base"))
-    load = lambda: transformers.GPT2LMHeadModel.from_pretrained(str(root / "base")).eval()  # noqa: E731
+    load = save_tiny_gpt2(root / "base")
     peft_adapter(load(), root / "peft", ["c_attn", "c_fc", "attn.c_proj"], seed=8, fan_in_fan_out=True)
     reference = peft_merged(load(), root / "peft")
     report = export(root / "base", "-a", root / "peft", "--with-past", "-o", root / "gpt2.onnx")

@@ -15,7 +15,7 @@ from rich.table import Table
 from loratools.adapter_commands import AdapterResult
 from loratools.algebra import ModuleChange
 from loratools.cli.options import stdout_console
-from loratools.export import ExportResult
+from loratools.export import AdapterExportResult, ExportCheck, ExportResult, OnnxMergeResult
 from loratools.extract import ExtractResult
 from loratools.inspection import InspectReport
 from loratools.merge import MergeResult
@@ -377,13 +377,20 @@ def show_export(result: ExportResult, quiet: bool) -> None:
     console.print(f"exported {result.architecture} ({result.kind}{past}, {result.precision}, opset {result.opset}{merged})")
     for name, size in result.files.items():
         console.print(f"  wrote {result.out.parent / name}  {_human_bytes(size)}")
+    if result.slots:
+        console.print(f"  {len(result.slots)} LoRA slot(s): inputs <module>.lora_A.weight (in, r) and"
+                      f" <module>.lora_B.weight (r, out), r dynamic, empty by default; e.g. {result.slots[0]}")
     console.print("  timings: " + ", ".join(f"{step} {seconds:.1f}s" for step, seconds in result.timings.items()))
     check = result.verification
     if check is None:
         console.print("  not verified (--no-verify)")
         return
+    _show_check(console, check, quiet, "no adapter active: " if result.slots else "")
+
+
+def _show_check(console: Console, check: ExportCheck, quiet: bool, prefix: str = "") -> None:
     if not quiet:
-        title = (f"verification: onnxruntime vs PyTorch fp32 (batch {check.batch}, {check.sequence} tokens"
+        title = (f"verification: {prefix}onnxruntime vs PyTorch fp32 (batch {check.batch}, {check.sequence} tokens"
                  + (f", past {check.past}" if check.past else "") + ")")
         table = Table(title=title, title_justify="left")
         for column, justify in (("output", "left"), ("max abs diff", "right"), ("tolerance", "right"),
@@ -402,3 +409,39 @@ def show_export(result: ExportResult, quiet: bool) -> None:
         g = check.generation
         console.print(f"greedy generation with the cache: {g['matched']}/{g['steps']} tokens equal transformers'"
                       f" generate() ({'ok' if g['passed'] else 'FAIL'})")
+
+
+def show_adapter_export(result: AdapterExportResult, quiet: bool) -> None:
+    """``export-adapter``: the file, the ranks per slot, the check with the adapter active."""
+    console = stdout_console()
+    ranks = sorted({r for r in result.ranks.values() if r})
+    console.print(f"wrote {result.out}  {_human_bytes(result.bytes)}: {result.filled} of {len(result.ranks)} slot(s)"
+                  f" of {result.onnx} filled (rank {', '.join(map(str, ranks)) or '-'}), {result.dtype},"
+                  f" weight {result.weight:g}")
+    if not quiet:
+        table = Table(title="slots", title_justify="left")
+        table.add_column("module")
+        table.add_column("rank", justify="right")
+        for module, rank in result.ranks.items():
+            table.add_row(module, str(rank) if rank else "- (empty)")
+        console.print(table)
+    if result.verification is not None:
+        _show_check(console, result.verification, quiet, "adapter active: ")
+
+
+def show_onnx_merge(result: OnnxMergeResult, quiet: bool) -> None:
+    """``export-onnx --onnx``: which initializers took which tensors, by name or by value, and the check."""
+    console = stdout_console()
+    console.print(f"merged {len(result.adapters)} adapter(s) into {result.source}: {result.by_name} tensor(s) found by"
+                  f" name, {result.by_value} by value; {len(result.placements)} initializer(s) updated")
+    for name, size in result.files.items():
+        console.print(f"  wrote {result.out.parent / name}  {_human_bytes(size)}")
+    if not quiet:
+        table = Table(title="placements", title_justify="left")
+        for column in ("checkpoint tensor", "initializer", "found by", "layout"):
+            table.add_column(column)
+        for p in result.placements:
+            table.add_row(p.tensor, p.initializer, p.how, "transposed (MatMul)" if p.transposed else "as stored")
+        console.print(table)
+    if result.verification is not None:
+        _show_check(console, result.verification, quiet, "merged graph: ")

@@ -1,7 +1,10 @@
 """ONNX export of a Hugging Face model with adapters merged in memory (``loratools export-onnx``).
 
 Modules: `model` (build the fp32 model and merge, torch + transformers), `trace` (wrappers and torch.onnx),
-`runtime` (the only importer of onnx and onnxruntime), `command` (`export_onnx`, the public entry point).
+`runtime` (onnx and onnxruntime), `command` (`export_onnx`, the public entry point); multi-LoRA (issue 11):
+`slots` (which modules get a LoRA slot, the branch, torch), `lora_runtime` (its onnx / onnxruntime side),
+`multilora` (`export_adapter`: onnxruntime adapter files), `onnx_merge` (`merge_onnx`: adapters into an ONNX
+model exported elsewhere).
 Importing this package needs onnx; transformers and onnxscript are checked when `export_onnx` runs.
 
 Example:
@@ -11,5 +14,8 @@ Example:
 """
 
 from loratools.export.command import ExportCheck, ExportResult, export_onnx
+from loratools.export.multilora import AdapterExportResult, export_adapter
+from loratools.export.onnx_merge import OnnxMergeResult, merge_onnx
 
-__all__ = ["ExportResult", "ExportCheck", "export_onnx"]
+__all__ = ["AdapterExportResult", "ExportCheck", "ExportResult", "OnnxMergeResult", "export_adapter", "export_onnx",
+           "merge_onnx"]

@@ -18,11 +18,12 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,8 @@ class ExportResult:
         inputs, outputs: graph input and output names. opset: the default-domain opset.
         timings: seconds per step (merge, trace, write, verify).
         verification: None with ``verify=False``.
+        slots: modules with a LoRA slot (``lora_slots``): inputs ``<module>.lora_A.weight`` (in, lora_r) and
+            ``<module>.lora_B.weight`` (lora_r, out), zero-size by default.
     """
 
     out: Path
@@ -112,6 +115,7 @@ class ExportResult:
     tied_copies_removed: int
     timings: dict[str, float]
     verification: ExportCheck | None = None
+    slots: list[str] = field(default_factory=list)
 
     @property
     def precision(self) -> str:
@@ -135,7 +139,8 @@ def _require_extras() -> None:
         raise ExportError(f"export-onnx needs {' and '.join(missing)}: pip install 'loratools[export]'")
 
 
-def _check_options(dtype: str, quantize: str | None, adapters: Sequence, weights: Sequence[float] | None) -> list[float]:
+def _check_options(dtype: str, quantize: str | None, adapters: Sequence, weights: Sequence[float] | None,
+                   lora_slots: str | None = None) -> list[float]:
     if dtype not in DTYPES:
         raise LoratoolsError(f"unknown dtype {dtype!r} for export; choose {', '.join(DTYPES)} (bf16 does not run on"
                              " onnxruntime's CPU provider)")
@@ -143,10 +148,14 @@ def _check_options(dtype: str, quantize: str | None, adapters: Sequence, weights
         raise LoratoolsError(f"unknown quantization {quantize!r}; choose {', '.join(QUANTIZE)}")
     if quantize and dtype != "fp32":
         raise LoratoolsError("--quantize int8 quantizes the fp32 graph; drop --dtype fp16")
+    if quantize and lora_slots:
+        raise LoratoolsError("--quantize int8 does not apply to a graph with --lora-slots (the LoRA branch would be"
+                             " quantized as activations); export the slotted graph in fp32 or fp16")
     return adapter_weights(len(adapters), weights)
 
 
-def _verify(module: Any, sess: Any, *, precision: str, atol: float) -> ExportCheck:
+def verify_graph(module: Any, sess: Any, *, precision: str, atol: float) -> ExportCheck:
+    """Run `sess` on fresh inputs (VERIFY_SHAPE, one padded row) and compare with `module` in PyTorch."""
     import loratools.export.runtime as runtime
     import loratools.export.trace as trace
 
@@ -197,7 +206,7 @@ def _check_generation(module: Any, sess: Any, *, strict: bool) -> dict:
     }
 
 
-def _place(tmp_dir: Path, out: Path) -> None:
+def place_files(tmp_dir: Path, out: Path) -> None:
     """Rename the verified files from `tmp_dir` into place: the .data file first, the graph last."""
     from loratools.export.runtime import data_file
 
@@ -207,6 +216,37 @@ def _place(tmp_dir: Path, out: Path) -> None:
     elif data_file(out).exists():
         data_file(out).unlink()  # --force over an export that had external data: no orphan
     os.replace(tmp_graph, out)
+
+
+@contextlib.contextmanager
+def staged_graph(out: Path, *, force: bool) -> Iterator[Path]:
+    """A temporary folder beside `out` to write and verify a graph (and its .data file) in.
+
+    When the block ends normally the files are renamed into place (`place_files`); on any error nothing is
+    placed. The folder is always removed; temporaries of killed runs are cleaned first. A symlinked `out` is
+    replaced, its target never written. An OSError becomes one line (`writer.write_error`).
+
+    Yields:
+        the folder; write the graph as ``folder / out.name``.
+    """
+    target = output_path(out)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(target)
+        tmp_dir = target.parent / f".{target.name}.loratools-tmp-{os.getpid()}"
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_dir.mkdir()
+    except OSError as exc:
+        raise write_error(out, exc) from None
+    try:
+        yield tmp_dir
+        if target.exists() and not force:  # appeared while exporting
+            raise OutputError(f"{out}: already exists; pass --force to replace it or choose another -o path")
+        place_files(tmp_dir, target)
+    except OSError as exc:
+        raise write_error(out, exc) from None
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def export_onnx(
@@ -223,6 +263,7 @@ def export_onnx(
     atol: float | None = None,
     keep_on_fail: bool = False,
     force: bool = False,
+    lora_slots: str | None = None,
     progress: Progress | None = None,
 ) -> ExportResult:
     """Export a Hugging Face model folder, with adapters merged in memory, to an ONNX graph and verify it.
@@ -237,6 +278,10 @@ def export_onnx(
         dtype: "fp32" (default) or "fp16"; quantize: None or "int8" (dynamic, fp32 graph).
         verify: compare onnxruntime with PyTorch (see the module docstring); atol: default per precision.
         keep_on_fail: keep the files when verification fails (still raises).
+        lora_slots: onnxruntime multi-LoRA: an adapter path (its modules become the slots) or comma-separated
+            module names / leaf names / globs; each such Linear or Conv1D layer adds ``(x @ A) @ B`` with A, B
+            graph inputs of dynamic rank that default to zero size (see `slots`); verification then runs the
+            graph without an adapter. Adapter files for it: `export_adapter`.
         progress: called as (step, steps, step name) before each step.
     Returns:
         ExportResult with files and sizes, graph interface, timings and the ExportCheck.
@@ -248,7 +293,7 @@ def export_onnx(
         >>> export_onnx("fixtures/llama-base", "out/llama.onnx", with_past=True).verification.passed
         True
     """
-    weights = _check_options(dtype, quantize, adapters, weights)
+    weights = _check_options(dtype, quantize, adapters, weights, lora_slots)
     out = Path(out)
     inputs = [model, *adapters]
     check_output(out, inputs, force)
@@ -276,23 +321,25 @@ def export_onnx(
 
     start = step("trace")
     spec = trace.graph_spec(loaded.model, loaded.kind, with_past=with_past)
-    module = trace.GraphModule(loaded.model, spec)
-    program = trace.trace(module)
+    if lora_slots:
+        from loratools.export.slots import SlottedModule, resolve_slots
+
+        slotted = SlottedModule(loaded.model, spec, resolve_slots(loaded.model, lora_slots, label=str(model)))
+        module: trace.GraphModule = slotted
+        program = trace.trace(slotted, extra=slotted.trace_extra())
+    else:
+        module = trace.GraphModule(loaded.model, spec)
+        program = trace.trace(module)
     timings["trace"] = time.perf_counter() - start
 
-    target = output_path(out)  # a symlinked -o is replaced, its target never written
     report: ExportCheck | None = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(target)
-        tmp_dir = target.parent / f".{target.name}.loratools-tmp-{os.getpid()}"
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        tmp_dir.mkdir()
-    except OSError as exc:
-        raise write_error(out, exc) from None
-    try:
+    with staged_graph(out, force=force) as tmp_dir:
         start = step("write")
         removed = runtime.finish_model(program.model, prefix=trace.WRAPPER_ATTRIBUTE + ".")
+        if lora_slots:
+            from loratools.export.multilora import add_slots
+
+            add_slots(program.model, slotted)
         fp32_bytes = runtime.weight_bytes(program.model)
         external = external_data or fp32_bytes * BYTES_PER_WEIGHT[precision] > runtime.PROTOBUF_LIMIT
         graph = tmp_dir / out.name
@@ -303,8 +350,11 @@ def export_onnx(
             staging.mkdir()
             runtime.save_ir(program.model, staging / out.name, external=fp32_bytes > runtime.PROTOBUF_LIMIT)
             del program
-            convert = runtime.to_fp16 if precision == "fp16" else runtime.to_int8
-            convert(staging / out.name, graph, external=external)
+            if precision == "fp16":  # slot inputs become fp16 too: adapters then are fp16, like the weights
+                keep = [*spec.inputs, *spec.outputs] if lora_slots else None
+                runtime.to_fp16(staging / out.name, graph, external=external, keep=keep)
+            else:
+                runtime.to_int8(staging / out.name, graph, external=external)
             shutil.rmtree(staging)
         program = None
         facts = runtime.graph_facts(graph)
@@ -314,20 +364,13 @@ def export_onnx(
         if verify:
             start = step("verify")
             sess = runtime.session(graph)
-            report = _verify(module, sess, precision=precision,
-                             atol=atol if atol is not None else DEFAULT_ATOL[precision])
+            report = verify_graph(module, sess, precision=precision,
+                                  atol=atol if atol is not None else DEFAULT_ATOL[precision])
             del sess
             timings["verify"] = time.perf_counter() - start
             if not report.passed and not keep_on_fail:
                 raise ExportError(f"{out}: verification failed: {report.failure()}; nothing was written"
                                   " (--keep-on-fail keeps the file, --atol sets the tolerance)")
-        if target.exists() and not force:  # appeared while exporting
-            raise OutputError(f"{out}: already exists; pass --force to replace it or choose another -o path")
-        _place(tmp_dir, target)
-    except OSError as exc:
-        raise write_error(out, exc) from None
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
     if progress:
         progress(len(steps), len(steps), "done")
     result = ExportResult(
@@ -336,6 +379,7 @@ def export_onnx(
         opset=facts["opset"], inputs=facts["inputs"], outputs=facts["outputs"], adapters=[str(a) for a in adapters],
         merged_tensors=loaded.merged_tensors, tied_copies_removed=removed,
         timings={k: round(v, 3) for k, v in timings.items()}, verification=report,
+        slots=[slot.module for slot in getattr(module, "slots", [])],
     )
     if report is not None and not report.passed:
         raise ExportError(f"{out}: verification failed: {report.failure()}; the file was kept (--keep-on-fail)")

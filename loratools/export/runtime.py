@@ -7,11 +7,8 @@ Arrays here are numpy; the torch side (reference outputs) lives in `trace`.
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 import os
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from loratools.errors import ExportError
+from loratools.export.silence import silenced
 
 PROTOBUF_LIMIT = 2_000_000_000  # bytes of weights above which the graph must keep its tensors in a .data file
 EXTERNAL_THRESHOLD = 1024  # tensors at least this big go to the .data file
@@ -45,21 +43,9 @@ class OutputMetrics:
         return dict(self.__dict__, shape=list(self.shape))
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """No warnings, prints or log records (onnxruntime quantization sets the root logger to INFO)."""
-    root = logging.getLogger()
-    saved = {name: logging.getLogger(None if name == "root" else name).level for name in QUIET_LOGGERS}
-    for name in QUIET_LOGGERS:
-        logging.getLogger(None if name == "root" else name).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for name, level in saved.items():
-            logging.getLogger(None if name == "root" else name).setLevel(level)
-        root.setLevel(saved["root"])
+def quiet() -> contextlib.AbstractContextManager[None]:
+    """No warnings, prints or log records from onnx and onnxruntime (`silence.silenced`)."""
+    return silenced(QUIET_LOGGERS)
 
 
 def _rename_initializers(graph: ir.Graph, prefix: str) -> None:
@@ -156,14 +142,15 @@ def _save_proto(proto: onnx.ModelProto, path: Path, *, external: bool) -> None:
         onnx.save_model(proto, str(path))
 
 
-def to_fp16(src: Path, dst: Path, *, external: bool) -> None:
+def to_fp16(src: Path, dst: Path, *, external: bool, keep: Sequence[str] | None = None) -> None:
     """Convert an fp32 graph file to fp16 weights and compute (onnxruntime's converter); inputs and outputs stay
-    fp32 (``keep_io_types``) so feeds are the same as for the fp32 graph."""
+    fp32 (``keep_io_types``) so feeds are the same as for the fp32 graph; with `keep`, only those named do (LoRA
+    slot inputs then become fp16)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     with quiet():
         proto = onnx.load(str(src))
-        converted = convert_float_to_float16(proto, keep_io_types=True, disable_shape_infer=external)
+        converted = convert_float_to_float16(proto, keep_io_types=list(keep) if keep is not None else True, disable_shape_infer=external)
     _save_proto(converted, dst, external=external)
 
 

@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import io
-import logging
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from loratools.errors import ExportError
+from loratools.export.silence import silenced
 
 WRAPPER_ATTRIBUTE = "hf"  # initializers come out as "hf.<parameter name>"; runtime strips the prefix
 TRACE_SHAPE = (2, 5, 4)  # batch, sequence, past length used to trace; verification uses others
@@ -208,24 +207,17 @@ def _dynamic_shapes(spec: GraphSpec) -> tuple:
     return (tuple(shapes),)
 
 
-@contextlib.contextmanager
-def quiet_exporter() -> Iterator[None]:
-    """Keep the exporter's prints, warnings and log records out of the user's terminal."""
-    saved = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for name, level in saved.items():
-            logging.getLogger(name).setLevel(level)
+def quiet_exporter() -> contextlib.AbstractContextManager[None]:
+    """Keep the exporter's prints, warnings and log records out of the user's terminal (`silence.silenced`)."""
+    return silenced(QUIET_LOGGERS)
 
 
-def trace(module: GraphModule) -> Any:
+def trace(module: GraphModule, *, extra: Sequence[tuple[str, torch.Tensor, dict]] = ()) -> Any:
     """Export `module` with torch.onnx (dynamo=True) on inputs of TRACE_SHAPE, batch and sequence dynamic.
 
+    Args:
+        extra: further positional inputs after the graph's own, as (name, sample tensor, dynamic axes), e.g. the
+            LoRA slots of `slots.SlottedModule`.
     Returns:
         torch.onnx.ONNXProgram (in memory; `runtime.write_model` finishes and saves it).
     """
@@ -236,12 +228,12 @@ def trace(module: GraphModule) -> Any:
         with quiet_exporter():
             return torch.onnx.export(
                 module,
-                tuple(inputs.values()),
+                (*inputs.values(), *(sample for _, sample, _ in extra)),
                 dynamo=True,
                 verbose=False,
-                input_names=list(module.spec.inputs),
+                input_names=[*module.spec.inputs, *(name for name, _, _ in extra)],
                 output_names=list(module.spec.outputs),
-                dynamic_shapes=_dynamic_shapes(module.spec),
+                dynamic_shapes=((*_dynamic_shapes(module.spec)[0], *(axes for _, _, axes in extra)),),
             )
     except ImportError as exc:
         raise ExportError(f"torch.onnx needs {exc.name or 'onnxscript'}: pip install 'loratools[export]'") from None
