@@ -337,7 +337,7 @@ def export_onnx(
         start = step("write")
         removed = runtime.finish_model(program.model, prefix=trace.WRAPPER_ATTRIBUTE + ".")
         if lora_slots:
-            from loratools.export.multilora import add_slots
+            from loratools.export.slots import add_slots
 
             add_slots(program.model, slotted)
         fp32_bytes = runtime.weight_bytes(program.model)

@@ -37,11 +37,9 @@ from loratools.export.slots import (
     B_SUFFIX,
     METADATA_KEY,
     Slot,
-    SlottedModule,
     match_slots,
     onnx_factors,
     shape_index,
-    slot_metadata,
     slots_from_metadata,
 )
 from loratools.names import short_list
@@ -50,18 +48,6 @@ from loratools.writer import atomic_output, check_output
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 DTYPE_NAMES = {"fp32": "float32", "fp16": "float16"}
-
-
-def add_slots(model: Any, module: SlottedModule) -> None:
-    """Finish an exported slotted graph (an onnx_ir model): zero-size defaults for the slot inputs and the slot
-    table in the metadata."""
-    from loratools.export.lora_runtime import add_slot_defaults
-
-    shapes: dict[str, tuple[int, int]] = {}
-    for slot in module.slots:
-        shapes[slot.a_name] = (slot.in_features, 0)
-        shapes[slot.b_name] = (0, slot.out_features)
-    add_slot_defaults(model, shapes, metadata_key=METADATA_KEY, metadata=slot_metadata(module.slots))
 
 
 @dataclass

@@ -248,3 +248,14 @@ def slot_metadata(slots: Sequence[Slot]) -> dict[str, list]:
 def slots_from_metadata(metadata: dict[str, list]) -> list[Slot]:
     return [Slot(module, str(layout), int(n_in), int(n_out)) for module, (layout, n_in, n_out) in metadata.items()]
 
+
+def add_slots(model: Any, module: SlottedModule) -> None:
+    """Finish an exported slotted graph (an onnx_ir model): zero-size defaults for the slot inputs and the slot
+    table in the metadata."""
+    from loratools.export.lora_runtime import add_slot_defaults
+
+    shapes: dict[str, tuple[int, int]] = {}
+    for slot in module.slots:
+        shapes[slot.a_name] = (slot.in_features, 0)
+        shapes[slot.b_name] = (0, slot.out_features)
+    add_slot_defaults(model, shapes, metadata_key=METADATA_KEY, metadata=slot_metadata(module.slots))
