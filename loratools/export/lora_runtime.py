@@ -1,7 +1,8 @@
 """The onnx / onnxruntime side of multi-LoRA and of merging adapters into an existing ONNX model.
 
 The second importer of onnx and onnxruntime (beside `runtime`, which finishes and runs exported graphs): kept
-apart so the export code of issue 10 stays as it was. Arrays are numpy; tensors cross as raw bytes with a
+apart because it reads and edits graphs loratools did not trace (slots, adapter files, other exporters'
+graphs). Arrays are numpy; tensors cross as raw bytes with a
 dtype name ("float32", "float16", "bfloat16", "float64"), so bf16 needs no numpy extension here.
 
 - Slots: zero-size default initializers for the slot inputs (a run without an adapter is the base model), the

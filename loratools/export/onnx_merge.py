@@ -33,6 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -40,11 +41,13 @@ from loratools.algebra import adapter_weights
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import ExportError, OutputError
 from loratools.export.command import DEFAULT_ATOL, ExportCheck, staged_graph, verify_graph
-from loratools.export.lora_runtime import OnnxWeights
 from loratools.merge import apply_ops, plan_merge
 from loratools.names import short_list
 from loratools.progress import Progress
 from loratools.writer import check_output
+
+if TYPE_CHECKING:  # onnx is imported only when a graph is read
+    from loratools.export.lora_runtime import OnnxWeights
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
@@ -230,6 +233,8 @@ def merge_onnx(
         if progress:
             progress(steps.index(name), len(steps), name)
         return time.perf_counter()
+
+    from loratools.export.lora_runtime import OnnxWeights  # onnx, only now that a graph is read
 
     start = step("match")
     with open_checkpoint(base) as index:
