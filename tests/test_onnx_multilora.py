@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import loratools
 from tests.helpers import run_cli, save_tiny_gpt2, tiny_random_llama
-from tests.test_export_onnx import assert_one_line_error, causal_feeds, peft_merged, session
+from tests.onnx_helpers import assert_one_line_error, causal_feeds, peft_adapter, peft_merged, session
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -33,18 +33,6 @@ SLOTS = "q_proj,v_proj,o_proj,down_proj,up_proj"
 
 def cli_json(command: str, *args) -> dict:
     return json.loads(run_cli(command, *args, "--json", "-q").stdout)
-
-
-def make_peft(model, folder: Path, targets, seed: int, *, r: int = 4, alpha: float = 8, **kwargs) -> None:
-    """A PEFT adapter with random non-zero A and B (B scaled up so the delta matters), saved to `folder`."""
-    torch.manual_seed(seed)
-    config = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False, **kwargs)
-    wrapped = peft.get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in wrapped.named_parameters():
-            if "lora_B" in name:
-                param.mul_(20)
-    wrapped.save_pretrained(str(folder))
 
 
 def run_adapter(sess: ort.InferenceSession, feeds: dict, adapter: Path | None) -> dict[str, np.ndarray]:
@@ -84,8 +72,8 @@ def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("multilora")
     tiny_random_llama(0, max_positions=64, bos_token_id=1, eos_token_id=2).save_pretrained(str(root / "base"))
     load = lambda: transformers.LlamaForCausalLM.from_pretrained(str(root / "base")).eval()  # noqa: E731
-    make_peft(load(), root / "x", ["q_proj", "v_proj", "down_proj"], seed=1)
-    make_peft(load(), root / "y", ["q_proj", "o_proj", "down_proj"], seed=2, r=6, alpha=5, use_rslora=True,
+    peft_adapter(load(), root / "x", ["q_proj", "v_proj", "down_proj"], seed=1)
+    peft_adapter(load(), root / "y", ["q_proj", "o_proj", "down_proj"], seed=2, r=6, alpha=5, use_rslora=True,
               rank_pattern={"o_proj": 2}, alpha_pattern={"down_proj": 3})
     # kohya: ranks 3 and 5 by layer, on o_proj and up_proj; reference deltas computed here from the raw tensors
     generator = torch.Generator().manual_seed(3)
@@ -184,8 +172,8 @@ def test_scale_folded_into_b(llama):
 def gpt2(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt2-multilora")
     load = save_tiny_gpt2(root / "base")
-    make_peft(load(), root / "x", ["c_attn", "c_fc"], seed=8, fan_in_fan_out=True)
-    make_peft(load(), root / "y", ["c_attn", "mlp.c_proj"], seed=9, r=3, fan_in_fan_out=True,
+    peft_adapter(load(), root / "x", ["c_attn", "c_fc"], seed=8, fan_in_fan_out=True)
+    peft_adapter(load(), root / "y", ["c_attn", "mlp.c_proj"], seed=9, r=3, fan_in_fan_out=True,
               rank_pattern={"h.1.attn.c_attn": 5})
     report = cli_json("export-onnx", root / "base", "--lora-slots", "*.c_attn,*.c_fc,*.c_proj", "--with-past",
                       "-o", root / "base.onnx")
@@ -305,7 +293,7 @@ def test_onnx_merge_tensors_not_in_the_graph(merged_export, gpt2, tmp_path):
 
 def test_adapter_module_without_a_slot(llama, tmp_path):
     root = llama[0]
-    make_peft(transformers.LlamaForCausalLM.from_pretrained(str(root / "base")), tmp_path / "kq", ["k_proj"], seed=4)
+    peft_adapter(transformers.LlamaForCausalLM.from_pretrained(str(root / "base")), tmp_path / "kq", ["k_proj"], seed=4)
     result = run_cli("export-adapter", tmp_path / "kq", "--onnx", root / "base.onnx", "-o", tmp_path / "a", expect=2)
     assert_one_line_error(result, "no LoRA slot", "model.layers.0.self_attn.k_proj")
     assert not (tmp_path / "a").exists()
