@@ -218,6 +218,30 @@ def place_files(tmp_dir: Path, out: Path) -> None:
     os.replace(tmp_graph, out)
 
 
+class Steps:
+    """The named steps of an export, each reported through `progress` as it starts and timed.
+
+    Use ``with steps("write"): …`` around each step; `timings` holds seconds per finished step (3 decimals),
+    and `done` reports the end.
+    """
+
+    def __init__(self, names: Sequence[str], progress: Progress | None):
+        self.names, self.progress = list(names), progress
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        if self.progress:
+            self.progress(self.names.index(name), len(self.names), name)
+        start = time.perf_counter()
+        yield
+        self.timings[name] = round(time.perf_counter() - start, 3)
+
+    def done(self) -> None:
+        if self.progress:
+            self.progress(len(self.names), len(self.names), "done")
+
+
 @contextlib.contextmanager
 def staged_graph(out: Path, *, force: bool) -> Iterator[Path]:
     """A temporary folder beside `out` to write and verify a graph (and its .data file) in.
@@ -307,78 +331,66 @@ def export_onnx(
     check_output(data_out, inputs, force)
     read_config(model)
     precision = quantize or dtype
-    steps = ["merge", "trace", "write"] + (["verify"] if verify else [])
-    timings: dict[str, float] = {}
+    steps = Steps(["merge", "trace", "write"] + (["verify"] if verify else []), progress)
+    with steps("merge"):
+        loaded = load_merged_model(model, adapters=adapters, weights=weights)
 
-    def step(name: str) -> float:
-        if progress:
-            progress(steps.index(name), len(steps), name)
-        return time.perf_counter()
+    with steps("trace"):
+        spec = trace.graph_spec(loaded.model, loaded.kind, with_past=with_past)
+        if lora_slots:
+            from loratools.export.slots import SlottedModule, resolve_slots
 
-    start = step("merge")
-    loaded = load_merged_model(model, adapters=adapters, weights=weights)
-    timings["merge"] = time.perf_counter() - start
-
-    start = step("trace")
-    spec = trace.graph_spec(loaded.model, loaded.kind, with_past=with_past)
-    if lora_slots:
-        from loratools.export.slots import SlottedModule, resolve_slots
-
-        slotted = SlottedModule(loaded.model, spec, resolve_slots(loaded.model, lora_slots, label=str(model)))
-        module: trace.GraphModule = slotted
-        program = trace.trace(slotted, extra=slotted.trace_extra())
-    else:
-        module = trace.GraphModule(loaded.model, spec)
-        program = trace.trace(module)
-    timings["trace"] = time.perf_counter() - start
+            slotted = SlottedModule(loaded.model, spec, resolve_slots(loaded.model, lora_slots, label=str(model)))
+            module: trace.GraphModule = slotted
+            program = trace.trace(slotted, extra=slotted.trace_extra())
+        else:
+            module = trace.GraphModule(loaded.model, spec)
+            program = trace.trace(module)
 
     report: ExportCheck | None = None
     with staged_graph(out, force=force) as tmp_dir:
-        start = step("write")
-        removed = runtime.finish_model(program.model, prefix=trace.WRAPPER_ATTRIBUTE + ".")
-        if lora_slots:
-            from loratools.export.slots import add_slots
+        with steps("write"):
+            removed = runtime.finish_model(program.model, prefix=trace.WRAPPER_ATTRIBUTE + ".")
+            if lora_slots:
+                from loratools.export.slots import add_slots
 
-            add_slots(program.model, slotted)
-        fp32_bytes = runtime.weight_bytes(program.model)
-        external = external_data or fp32_bytes * BYTES_PER_WEIGHT[precision] > runtime.PROTOBUF_LIMIT
-        graph = tmp_dir / out.name
-        if precision == "fp32":
-            runtime.save_ir(program.model, graph, external=external)
-        else:
-            staging = tmp_dir / "fp32"
-            staging.mkdir()
-            runtime.save_ir(program.model, staging / out.name, external=fp32_bytes > runtime.PROTOBUF_LIMIT)
-            del program
-            if precision == "fp16":  # slot inputs become fp16 too: adapters then are fp16, like the weights
-                keep = [*spec.inputs, *spec.outputs] if lora_slots else None
-                runtime.to_fp16(staging / out.name, graph, external=external, keep=keep)
+                add_slots(program.model, slotted)
+            fp32_bytes = runtime.weight_bytes(program.model)
+            external = external_data or fp32_bytes * BYTES_PER_WEIGHT[precision] > runtime.PROTOBUF_LIMIT
+            graph = tmp_dir / out.name
+            if precision == "fp32":
+                runtime.save_ir(program.model, graph, external=external)
             else:
-                runtime.to_int8(staging / out.name, graph, external=external)
-            shutil.rmtree(staging)
-        program = None
-        facts = runtime.graph_facts(graph)
-        files = runtime.file_sizes([graph, runtime.data_file(graph)])
-        timings["write"] = time.perf_counter() - start
+                staging = tmp_dir / "fp32"
+                staging.mkdir()
+                runtime.save_ir(program.model, staging / out.name, external=fp32_bytes > runtime.PROTOBUF_LIMIT)
+                del program
+                if precision == "fp16":  # slot inputs become fp16 too: adapters then are fp16, like the weights
+                    keep = [*spec.inputs, *spec.outputs] if lora_slots else None
+                    runtime.to_fp16(staging / out.name, graph, external=external, keep=keep)
+                else:
+                    runtime.to_int8(staging / out.name, graph, external=external)
+                shutil.rmtree(staging)
+            program = None
+            facts = runtime.graph_facts(graph)
+            files = runtime.file_sizes([graph, runtime.data_file(graph)])
 
         if verify:
-            start = step("verify")
-            sess = runtime.session(graph)
-            report = verify_graph(module, sess, precision=precision,
-                                  atol=atol if atol is not None else DEFAULT_ATOL[precision])
-            del sess
-            timings["verify"] = time.perf_counter() - start
+            with steps("verify"):
+                sess = runtime.session(graph)
+                report = verify_graph(module, sess, precision=precision,
+                                      atol=atol if atol is not None else DEFAULT_ATOL[precision])
+                del sess
             if not report.passed and not keep_on_fail:
                 raise ExportError(f"{out}: verification failed: {report.failure()}; nothing was written"
                                   " (--keep-on-fail keeps the file, --atol sets the tolerance)")
-    if progress:
-        progress(len(steps), len(steps), "done")
+    steps.done()
     result = ExportResult(
         out=out, files=files, kind=loaded.kind, architecture=loaded.architecture, source_dtype=loaded.source_dtype,
         dtype=dtype, quantize=quantize, with_past=with_past, external_data=runtime.data_file(out).exists(),
         opset=facts["opset"], inputs=facts["inputs"], outputs=facts["outputs"], adapters=[str(a) for a in adapters],
         merged_tensors=loaded.merged_tensors, tied_copies_removed=removed,
-        timings={k: round(v, 3) for k, v in timings.items()}, verification=report,
+        timings=steps.timings, verification=report,
         slots=[slot.module for slot in getattr(module, "slots", [])],
     )
     if report is not None and not report.passed:

@@ -22,7 +22,6 @@ Decisions:
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ import torch
 
 from loratools.adapter_files import load_usable
 from loratools.errors import ExportError, LoratoolsError, ShapeError
-from loratools.export.command import DEFAULT_ATOL, ExportCheck, verify_graph
+from loratools.export.command import DEFAULT_ATOL, ExportCheck, Steps, verify_graph
 from loratools.export.slots import (
     A_SUFFIX,
     B_SUFFIX,
@@ -165,52 +164,50 @@ def export_adapter(
     onnx, out = Path(onnx), Path(out)
     inputs = [adapter, onnx] + ([verify] if verify is not None else [])
     check_output(out, inputs, force)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    slots, graph_dtype = graph_slots(onnx)
-    _check_dtype(dtype, graph_dtype, slots, onnx)
-    source = load_usable(adapter)
-    index = shape_index(str(onnx), {slot.module + ".weight": slot.base_shape for slot in slots})
-    match = match_slots(source, index, label=str(adapter))
-    if match.missing:
-        raise ShapeError(f"{adapter}: {len(match.missing)} module(s) have no LoRA slot in {onnx}:"
-                         f" {short_list(list(match.missing))}; export the base with --lora-slots {adapter}"
-                         " (or list those modules)")
-    if not match.targets:
-        raise ShapeError(f"{adapter}: the adapter has no LoRA module")
-    cast = TORCH_DTYPES[graph_dtype]
-    arrays, ranks = {}, {}
-    for slot in slots:
-        target = match.targets.get(slot.module + ".weight")
-        if target is not None and target.module is not None:
-            a, b = onnx_factors(target.module, slot.layout, weight=weight)
-        else:
-            a, b = slot.empty()
-        if tuple(a.shape) != (slot.in_features, a.shape[1]) or tuple(b.shape) != (a.shape[1], slot.out_features):
-            raise ShapeError(f"{slot.module}: the adapter gives A {tuple(a.shape)}, B {tuple(b.shape)} but the slot takes"
-                             f" ({slot.in_features}, r), (r, {slot.out_features})")
-        arrays[slot.a_name] = a.to(cast).numpy()
-        arrays[slot.b_name] = b.to(cast).numpy()
-        ranks[slot.module] = int(a.shape[1])
-    timings["convert"] = time.perf_counter() - start
+    steps = Steps(["convert"] + (["verify"] if verify is not None else []), progress)
+    with steps("convert"):
+        slots, graph_dtype = graph_slots(onnx)
+        _check_dtype(dtype, graph_dtype, slots, onnx)
+        source = load_usable(adapter)
+        index = shape_index(str(onnx), {slot.module + ".weight": slot.base_shape for slot in slots})
+        match = match_slots(source, index, label=str(adapter))
+        if match.missing:
+            raise ShapeError(f"{adapter}: {len(match.missing)} module(s) have no LoRA slot in {onnx}:"
+                             f" {short_list(list(match.missing))}; export the base with --lora-slots {adapter}"
+                             " (or list those modules)")
+        if not match.targets:
+            raise ShapeError(f"{adapter}: the adapter has no LoRA module")
+        cast = TORCH_DTYPES[graph_dtype]
+        arrays, ranks = {}, {}
+        for slot in slots:
+            target = match.targets.get(slot.module + ".weight")
+            if target is not None and target.module is not None:
+                a, b = onnx_factors(target.module, slot.layout, weight=weight)
+            else:
+                a, b = slot.empty()
+            if tuple(a.shape) != (slot.in_features, a.shape[1]) or tuple(b.shape) != (a.shape[1], slot.out_features):
+                raise ShapeError(f"{slot.module}: the adapter gives A {tuple(a.shape)}, B {tuple(b.shape)} but the slot takes"
+                                 f" ({slot.in_features}, r), (r, {slot.out_features})")
+            arrays[slot.a_name] = a.to(cast).numpy()
+            arrays[slot.b_name] = b.to(cast).numpy()
+            ranks[slot.module] = int(a.shape[1])
     report: ExportCheck | None = None
     with atomic_output(out, inputs, force) as tmp:
         write_adapter(tmp, arrays)
         if verify is not None:
-            start = time.perf_counter()
-            if progress:
-                progress(1, 2, "verify")
             precision = "fp16" if graph_dtype == "float16" else "fp32"
-            report = verify_with_adapter(onnx, tmp, model=verify, adapter=adapter, weight=weight, precision=precision,
-                                         atol=atol if atol is not None else DEFAULT_ATOL[precision])
-            timings["verify"] = time.perf_counter() - start
+            with steps("verify"):
+                report = verify_with_adapter(onnx, tmp, model=verify, adapter=adapter, weight=weight,
+                                             precision=precision,
+                                             atol=atol if atol is not None else DEFAULT_ATOL[precision])
             if not report.passed:
                 raise ExportError(f"{out}: verification failed: {report.failure()}; nothing was written (--atol sets"
                                   " the tolerance)")
         size = tmp.stat().st_size
+    steps.done()
     return AdapterExportResult(
         out=out, onnx=onnx, adapter=str(adapter), weight=weight, dtype=graph_dtype, ranks=ranks,
-        parameters=len(arrays), bytes=size, timings={k: round(v, 3) for k, v in timings.items()},
+        parameters=len(arrays), bytes=size, timings=steps.timings,
         verification=report, notes=list(source.notes),
     )
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch
 from loratools.algebra import adapter_weights
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import ExportError, OutputError
-from loratools.export.command import DEFAULT_ATOL, ExportCheck, staged_graph, verify_graph
+from loratools.export.command import DEFAULT_ATOL, ExportCheck, Steps, staged_graph, verify_graph
 from loratools.merge import apply_ops, plan_merge
 from loratools.names import short_list
 from loratools.progress import Progress
@@ -225,19 +224,12 @@ def merge_onnx(
     _check_inputs(model, base, out, adapters, force)
     check_output(runtime.data_file(out), [model, base, *adapters], force)
     factors = adapter_weights(len(adapters), weights)
-    steps = ["match", "write"] + (["verify"] if verify else [])
-    timings: dict[str, float] = {}
+    steps = Steps(["match", "write"] + (["verify"] if verify else []), progress)
     notes: list[str] = []
-
-    def step(name: str) -> float:
-        if progress:
-            progress(steps.index(name), len(steps), name)
-        return time.perf_counter()
 
     from loratools.export.lora_runtime import OnnxWeights  # onnx, only now that a graph is read
 
-    start = step("match")
-    with open_checkpoint(base) as index:
+    with steps("match"), open_checkpoint(base) as index:
         ops = plan_merge(index, adapters, weights=factors)
         graph = OnnxWeights(model)
         placements, missing = locate(graph, index, list(ops))
@@ -250,34 +242,30 @@ def merge_onnx(
             merged = apply_ops(index.get(tensor), contributions)
             for p in (p for p in placements if p.tensor == tensor):
                 graph.replace(p.initializer, _tensor_bytes(merged.T if p.transposed else merged, dtypes[p.initializer]))
-    timings["match"] = time.perf_counter() - start
 
-    start = step("write")
     report: ExportCheck | None = None
     with staged_graph(out, force=force) as tmp_dir:
-        external = external_data or graph.external or graph.weight_bytes() > runtime.PROTOBUF_LIMIT
-        graph.save(tmp_dir / out.name, external=external)
-        dtype = max(graph, key=lambda i: i.nbytes).dtype if graph.initializers else "float32"
-        del graph
-        files = runtime.file_sizes([tmp_dir / out.name, runtime.data_file(tmp_dir / out.name)])
-        timings["write"] = time.perf_counter() - start
+        with steps("write"):
+            external = external_data or graph.external or graph.weight_bytes() > runtime.PROTOBUF_LIMIT
+            graph.save(tmp_dir / out.name, external=external)
+            dtype = max(graph, key=lambda i: i.nbytes).dtype if graph.initializers else "float32"
+            del graph
+            files = runtime.file_sizes([tmp_dir / out.name, runtime.data_file(tmp_dir / out.name)])
         if verify:
-            start = step("verify")
-            report, why = _verify(tmp_dir / out.name, base, adapters, factors, dtype, atol)
+            with steps("verify"):
+                report, why = _verify(tmp_dir / out.name, base, adapters, factors, dtype, atol)
             if why:
                 notes.append(f"not verified: {why}")
-            timings["verify"] = time.perf_counter() - start
             if report is not None and not report.passed:
                 raise ExportError(f"{out}: verification failed: {report.failure()}; nothing was written (--atol sets"
                                   " the tolerance)")
-    if progress:
-        progress(len(steps), len(steps), "done")
+    steps.done()
     return OnnxMergeResult(
         out=out, source=Path(model), base=str(base), adapters=[str(a) for a in adapters], weights=factors,
         files=files, external_data=runtime.data_file(out).exists(), placements=placements,
         by_name=len({p.tensor for p in placements if p.how == "name"}),
         by_value=len({p.tensor for p in placements if p.how == "value"}),
-        timings={k: round(v, 3) for k, v in timings.items()}, verification=report, notes=notes,
+        timings=steps.timings, verification=report, notes=notes,
     )
 
 
