@@ -192,6 +192,13 @@ def tiny_random_llama(seed: int, *, max_positions: int = 32, **config: object):
     return transformers.LlamaForCausalLM(llama_config)
 
 
+def save_tiny_llama(folder: Path, seed: int = 0) -> Callable[[], Any]:
+    """Save `tiny_random_llama` (64 positions, bos 1, eos 2) to `folder`; returns a loader of fresh eval-mode copies."""
+    transformers = pytest.importorskip("transformers")
+    tiny_random_llama(seed, max_positions=64, bos_token_id=1, eos_token_id=2).save_pretrained(str(folder))
+    return lambda: transformers.LlamaForCausalLM.from_pretrained(str(folder)).eval()
+
+
 def save_tiny_gpt2(folder: Path, seed: int = 7) -> Callable[[], Any]:
     """Save a random GPT2LMHeadModel (Conv1D layers; n_embd 32, 2 layers, vocab 80) to `folder`; returns a loader
     of fresh eval-mode copies."""

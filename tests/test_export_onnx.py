@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import LLAMA_BASE
-from tests.helpers import llama_from, run_cli, save_tiny_gpt2, tiny_random_llama
+from tests.helpers import llama_from, run_cli, save_tiny_gpt2, save_tiny_llama
 from tests.onnx_helpers import (
     assert_one_line_error,
     causal_feeds,
@@ -40,8 +40,7 @@ VOCAB = 64
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("llama")
-    tiny_random_llama(0, max_positions=64, bos_token_id=1, eos_token_id=2).save_pretrained(str(root / "base"))
-    base = lambda: transformers.LlamaForCausalLM.from_pretrained(str(root / "base")).eval()  # noqa: E731
+    base = save_tiny_llama(root / "base")
     peft_adapter(base(), root / "peft", ["q_proj", "v_proj", "down_proj"], seed=1)
     generator = torch.Generator().manual_seed(2)
     kohya, deltas = {}, {}

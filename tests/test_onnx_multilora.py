@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 import loratools
-from tests.helpers import run_cli, save_tiny_gpt2, tiny_random_llama
+from tests.helpers import run_cli, save_tiny_gpt2, save_tiny_llama
 from tests.onnx_helpers import assert_one_line_error, causal_feeds, peft_adapter, peft_merged, session
 
 transformers = pytest.importorskip("transformers")
@@ -70,8 +70,7 @@ def torch_logits(model, ids: torch.Tensor) -> np.ndarray:
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     root = tmp_path_factory.mktemp("multilora")
-    tiny_random_llama(0, max_positions=64, bos_token_id=1, eos_token_id=2).save_pretrained(str(root / "base"))
-    load = lambda: transformers.LlamaForCausalLM.from_pretrained(str(root / "base")).eval()  # noqa: E731
+    load = save_tiny_llama(root / "base")
     peft_adapter(load(), root / "x", ["q_proj", "v_proj", "down_proj"], seed=1)
     peft_adapter(load(), root / "y", ["q_proj", "o_proj", "down_proj"], seed=2, r=6, alpha=5, use_rslora=True,
               rank_pattern={"o_proj": 2}, alpha_pattern={"down_proj": 3})
