@@ -5,7 +5,7 @@
 (PASSIVE: on a loaded machine PyTorch's spinning OpenMP workers make eager 5–20× slower and the table meaningless.)
 
 Builds a random Llama (hidden 512, 4 layers, GQA 8/4 heads, vocab 8192) in a temporary folder, makes a rank-8
-PEFT-style adapter for it, exports base + adapter with ``export_onnx(..., with_past=True)`` in fp32 and int8
+PEFT-style adapter for it, exports base + adapter with ``export_onnx(..., options=ExportOptions(with_past=True))`` in fp32 and int8
 (each verified), then times, with the same thread count for both runtimes:
 - prefill: one forward over a (batch, seq) prompt, empty cache;
 - decode: per-token latency of 16 greedy steps after a 128-token prompt (cache reused between steps).
@@ -34,7 +34,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from loratools.export import export_onnx
+from loratools.export import ExportOptions, export_onnx
 
 DECODE_STEPS = 16
 PREFILL = ((1, 16), (1, 128), (4, 128), (1, 512))
@@ -193,8 +193,9 @@ def multilora(args) -> None:
         base, _ = build_model(root, args.hidden, args.layers)
         first = build_rank_adapter(root / "a16", base, args.rank, seed=1)
         second = build_rank_adapter(root / "b16", base, args.rank, seed=2)
-        merged = export_onnx(base, root / "merged.onnx", adapters=[first], with_past=True)
-        slotted = export_onnx(base, root / "slots.onnx", with_past=True, lora_slots=",".join(PROJECTIONS))
+        merged = export_onnx(base, root / "merged.onnx", adapters=[first], options=ExportOptions(with_past=True))
+        slotted = export_onnx(base, root / "slots.onnx",
+                              options=ExportOptions(with_past=True, lora_slots=",".join(PROJECTIONS)))
         files = {}
         for name, adapter in (("a", first), ("b", second)):
             result = export_adapter(adapter, root / f"{name}.onnx_adapter", onnx=root / "slots.onnx", verify=base)
@@ -265,8 +266,8 @@ def main() -> None:
         base, adapter = build_model(root, args.hidden, args.layers)
         exports = {}
         for precision in ("fp32", "int8"):
-            result = export_onnx(base, root / f"{precision}.onnx", adapters=[adapter], with_past=True,
-                                 quantize="int8" if precision == "int8" else None)
+            options = ExportOptions(with_past=True, quantize="int8" if precision == "int8" else None)
+            result = export_onnx(base, root / f"{precision}.onnx", adapters=[adapter], options=options)
             exports[precision] = result
             logits = result.verification.outputs[0]
             print(f"{precision}: {sum(result.files.values()) / 2**20:.1f} MiB, export {sum(result.timings.values()):.1f}s,"

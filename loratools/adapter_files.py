@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loratools.adapter import Adapter
@@ -35,7 +36,6 @@ from loratools.writer import atomic_output, write_safetensors
 
 PEFT_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_CONFIG = "adapter_config.json"
-WRITABLE_FORMATS = ("peft", "kohya", "diffusers")
 
 
 def check_format(format: str) -> str:
@@ -94,6 +94,64 @@ def load_usable(path: str | os.PathLike) -> Adapter:
     return adapter
 
 
+@dataclass(frozen=True)
+class WriteRequest:
+    """What a format writer needs beyond the adapter: where, what it must not overwrite, and naming hints.
+
+    Attributes:
+        out: the output path; a ``.safetensors`` suffix means a single file, anything else a folder.
+        inputs: paths the output must not overwrite or sit inside.
+        force: replace an existing output.
+        metadata: extra safetensors metadata strings (`writer.provenance` of the operation).
+        kohya_prefix: the kohya key prefix for names that have none (kohya only).
+        names: module name -> diffusers pipeline name (`formats.pipeline_names`), for kohya and diffusers keys.
+    """
+
+    out: Path
+    inputs: Sequence[str | os.PathLike] = ()
+    force: bool = False
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    kohya_prefix: str | None = None
+    names: dict[str, str] | None = None
+
+
+def _write_kohya(adapter: Adapter, request: WriteRequest) -> None:
+    tensors, kohya_meta = render_kohya(adapter, prefix=request.kohya_prefix, pipeline=request.names)
+    with atomic_output(request.out, request.inputs, request.force) as tmp:
+        write_safetensors(tensors, tmp, {**kohya_meta, **request.metadata})
+
+
+def _write_diffusers(adapter: Adapter, request: WriteRequest) -> None:
+    tensors = render_diffusers(adapter, request.names)
+    # scales are folded into B: alpha metadata read from a diffusers file would now be wrong
+    dropped = (NAME_MAP_KEY, PEFT_CONFIG_KEY, DIFFUSERS_METADATA_KEY)
+    diffusers_meta = {**{k: v for k, v in adapter.metadata.items() if k not in dropped}, **request.metadata}
+    folder = request.out.suffix != ".safetensors"
+    with atomic_output(request.out, request.inputs, request.force, folder=folder) as tmp:
+        write_safetensors(tensors, tmp / DIFFUSERS_WEIGHTS if folder else tmp, diffusers_meta)
+
+
+def _write_peft(adapter: Adapter, request: WriteRequest) -> None:
+    tensors, config = render_peft(adapter)
+    extra = dict(request.metadata)
+    if request.out.suffix == ".safetensors":
+        with atomic_output(request.out, request.inputs, request.force) as tmp:
+            write_safetensors(tensors, tmp, {**extra, PEFT_CONFIG_KEY: json.dumps(config, sort_keys=True)})
+        return
+    with atomic_output(request.out, request.inputs, request.force, folder=True) as tmp:
+        write_safetensors(tensors, tmp / PEFT_WEIGHTS[0], extra)
+        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+# format name -> its writer: a new output format is one entry here (and its module in `formats`).
+WRITERS: dict[str, Callable[[Adapter, WriteRequest], None]] = {
+    "peft": _write_peft,
+    "kohya": _write_kohya,
+    "diffusers": _write_diffusers,
+}
+WRITABLE_FORMATS = tuple(WRITERS)
+
+
 def save_adapter(
     adapter: Adapter,
     out: str | os.PathLike,
@@ -110,7 +168,7 @@ def save_adapter(
     written path.
 
     Args:
-        format: "peft", "kohya" or "diffusers".
+        format: one of WRITABLE_FORMATS ("peft", "kohya", "diffusers").
         inputs: paths the output must not overwrite or sit inside.
         dtype: cast factors (not kohya alphas) to this dtype first.
         metadata: extra safetensors metadata strings (`writer.provenance` of the operation).
@@ -120,28 +178,6 @@ def save_adapter(
     cast = resolve_dtype(dtype)
     if cast is not None:
         adapter = adapter.to(cast)
-    extra = dict(metadata or {})
-    out = Path(out)
-    if format == "kohya":
-        tensors, kohya_meta = render_kohya(adapter, prefix=kohya_prefix, pipeline=names)
-        with atomic_output(out, inputs, force) as tmp:
-            write_safetensors(tensors, tmp, {**kohya_meta, **extra})
-        return out
-    if format == "diffusers":
-        tensors = render_diffusers(adapter, names)
-        # scales are folded into B: alpha metadata read from a diffusers file would now be wrong
-        dropped = (NAME_MAP_KEY, PEFT_CONFIG_KEY, DIFFUSERS_METADATA_KEY)
-        diffusers_meta = {**{k: v for k, v in adapter.metadata.items() if k not in dropped}, **extra}
-        folder = out.suffix != ".safetensors"
-        with atomic_output(out, inputs, force, folder=folder) as tmp:
-            write_safetensors(tensors, tmp / DIFFUSERS_WEIGHTS if folder else tmp, diffusers_meta)
-        return out
-    tensors, config = render_peft(adapter)
-    if out.suffix == ".safetensors":
-        with atomic_output(out, inputs, force) as tmp:
-            write_safetensors(tensors, tmp, {**extra, PEFT_CONFIG_KEY: json.dumps(config, sort_keys=True)})
-        return out
-    with atomic_output(out, inputs, force, folder=True) as tmp:
-        write_safetensors(tensors, tmp / PEFT_WEIGHTS[0], extra)
-        (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return out
+    request = WriteRequest(Path(out), inputs, force, dict(metadata or {}), kohya_prefix, names)
+    WRITERS[format](adapter, request)
+    return request.out

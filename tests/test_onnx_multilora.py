@@ -1,5 +1,5 @@
 """onnxruntime multi-LoRA (export-onnx --lora-slots, export-adapter) and merging into an existing ONNX model
-(export-onnx --onnx). Every check runs the graph in onnxruntime BY THE TEST and compares it with references built
+(merge-onnx). Every check runs the graph in onnxruntime BY THE TEST and compares it with references built
 independently: PEFT ``merge_and_unload``, base + deltas computed here from raw tensors, or an export of the merged
 checkpoint. Tiny models (hidden 32, 2 layers), module-scoped fixtures, each export once."""
 
@@ -231,7 +231,7 @@ def test_onnx_merge_by_value_on_renamed_initializers(merged_export, tmp_path):
     root = merged_export
     names = [i.name for i in onnx.load(str(root / "plain.onnx")).graph.initializer]
     assert "model.layers.0.self_attn.q_proj.weight" not in names  # the exporter renamed the Linear weights
-    report = cli_json("export-onnx", "--onnx", root / "plain.onnx", "--base", root / "base", "-a", root / "x",
+    report = cli_json("merge-onnx", root / "plain.onnx", "--base", root / "base", "-a", root / "x",
                       "-w", "0.5", "-o", tmp_path / "m.onnx")
     assert report["by_value"] == 6 and report["by_name"] == 0 and report["verification"]["passed"]
     assert all(p["transposed"] for p in report["placements"])
@@ -263,7 +263,7 @@ def test_onnx_merge_by_name_on_a_torch_export_with_external_data(merged_export, 
     source.parent.mkdir()
     program.save(str(source), external_data=True)
     assert "inner.model.layers.0.self_attn.q_proj.weight" in [i.name for i in onnx.load(str(source)).graph.initializer]
-    report = cli_json("export-onnx", "--onnx", source, "--base", root / "base", "-a", root / "x", "-w", "0.5",
+    report = cli_json("merge-onnx", source, "--base", root / "base", "-a", root / "x", "-w", "0.5",
                       "-o", tmp_path / "m.onnx")
     assert report["by_name"] == 6 and report["by_value"] == 0 and report["external_data"]
     assert (tmp_path / "m.onnx.data").exists()
@@ -273,7 +273,7 @@ def test_onnx_merge_by_name_on_a_torch_export_with_external_data(merged_export, 
 
 
 def test_onnx_merge_refuses_an_adapter_for_another_model(merged_export, gpt2, tmp_path):
-    result = run_cli("export-onnx", "--onnx", merged_export / "plain.onnx", "--base", merged_export / "base",
+    result = run_cli("merge-onnx", merged_export / "plain.onnx", "--base", merged_export / "base",
                      "-a", gpt2[0] / "x", "-o", tmp_path / "m.onnx", expect=2)
     assert_one_line_error(result, "match no tensor")
     assert list(tmp_path.iterdir()) == []
@@ -281,7 +281,7 @@ def test_onnx_merge_refuses_an_adapter_for_another_model(merged_export, gpt2, tm
 
 def test_onnx_merge_tensors_not_in_the_graph(merged_export, gpt2, tmp_path):
     """The right base but a graph of another model: the changed tensors are listed, nothing written."""
-    result = run_cli("export-onnx", "--onnx", gpt2[0] / "base.onnx", "--base", merged_export / "base",
+    result = run_cli("merge-onnx", gpt2[0] / "base.onnx", "--base", merged_export / "base",
                      "-a", merged_export / "x", "-o", tmp_path / "m.onnx", expect=2)
     assert_one_line_error(result, "in no initializer", "model.layers.0.self_attn.q_proj.weight")
     assert list(tmp_path.iterdir()) == []

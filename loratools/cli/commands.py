@@ -20,12 +20,9 @@ from loratools.cli.options import (
     write_options,
 )
 from loratools.cli.render import (
-    show_adapter_export,
-    show_export,
     show_extract,
     show_inspect,
     show_merge,
-    show_onnx_merge,
     show_spectrum,
     show_verify,
     show_written,
@@ -335,110 +332,3 @@ def convert_command(adapter: str, out: str, dtype: str | None, force: bool, fmt:
     run(output, "convert", lambda _: convert(
         adapter, out, format=fmt, prefix=prefix, base=base, dtype=dtype, force=force,
     ), show_written)
-
-
-
-@cli.command("export-onnx")
-@click.argument("model", type=click.Path(exists=True, file_okay=False), required=False)
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Graph file, e.g. model.onnx.")
-@click.option("-a", "--adapter", "adapters", multiple=True, type=click.Path(exists=True),
-              help="Adapter to merge first (PEFT or kohya); repeat for several.")
-@click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight per --adapter, in order (default 1).")
-@click.option("--with-past", is_flag=True, help="Causal LMs: KV-cache inputs past_key_values.* and outputs present.*.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="Graph precision (bf16 checkpoints are upcast; inputs and outputs stay fp32).")
-@click.option("--quantize", type=click.Choice(["int8"]), help="onnxruntime dynamic quantization (int8 weights).")
-@click.option("--external-data", is_flag=True, help="Tensors in OUT.data beside the graph (automatic above 2 GB).")
-@click.option("--no-verify", "no_verify", is_flag=True, help="Skip the onnxruntime vs PyTorch check.")
-@click.option("--atol", type=float, help="Verification tolerance (default fp32 1e-4, fp16 2e-2, int8 0.25; scaled by"
-              " max(1, max |output|)).")
-@click.option("--keep-on-fail", is_flag=True, help="Keep the files when verification fails (still exits 2).")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (never an input).")
-@click.option("--lora-slots", "lora_slots", metavar="SPEC",
-              help="onnxruntime multi-LoRA: add a LoRA slot (inputs <module>.lora_A/B.weight, dynamic rank, empty by"
-                   " default) on the modules of an adapter, or on comma-separated module names / globs.")
-@click.option("--onnx", "onnx_model", type=click.Path(exists=True, dir_okay=False),
-              help="Merge the adapters into this existing ONNX model instead of exporting MODEL (needs --base).")
-@click.option("--base", type=click.Path(exists=True),
-              help="With --onnx: the checkpoint the ONNX model was exported from (identifies its weights).")
-@output_options
-def export_onnx_command(model: str | None, out: str, adapters: tuple[str, ...], weights: tuple[float, ...],
-                        with_past: bool, dtype: str, quantize: str | None, external_data: bool, no_verify: bool,
-                        atol: float | None, keep_on_fail: bool, force: bool, lora_slots: str | None,
-                        onnx_model: str | None, base: str | None, output: Output) -> None:
-    """Export MODEL (a Hugging Face folder), with adapters merged in memory, to ONNX and verify it.
-
-    Causal LMs (Llama, Qwen2, GPT-2 …) get inputs input_ids, attention_mask, position_ids and output logits;
-    encoders (BERT …) input_ids, attention_mask, token_type_ids and output last_hidden_state. Batch and
-    sequence axes are dynamic. The graph is run in onnxruntime and compared with the merged model in PyTorch on
-    other shapes than traced; a failed check exits 2 and writes nothing. Needs pip install 'loratools[export]'.
-
-    --lora-slots exports the base once with a LoRA branch (x·A)·B on each chosen module for onnxruntime's
-    multi-LoRA (adapter files: export-adapter); without an adapter the graph is the base model.
-    --onnx merges the adapters into an ONNX model exported elsewhere, finding the weights by name or by value.
-
-    \b
-    Examples:
-      loratools export-onnx fixtures/llama-base -o out/llama.onnx --with-past
-      loratools export-onnx fixtures/llama-base -a fixtures/llama-lora-peft -o out/merged.onnx --quantize int8
-      loratools export-onnx base -a style.safetensors -w 0.7 -a subject -o out/model.onnx --external-data
-      loratools export-onnx fixtures/llama-base --lora-slots q_proj,v_proj -o out/base.onnx --with-past
-      loratools export-onnx --onnx optimum/model.onnx --base base/ -a adapter -o out/merged.onnx
-    """
-    if onnx_model is not None:
-        from loratools.export import merge_onnx
-
-        given = [flag for flag, value in (("MODEL", model), ("--lora-slots", lora_slots), ("--quantize", quantize),
-                                           ("--with-past", with_past), ("--dtype", dtype != "fp32"),
-                                           ("--keep-on-fail", keep_on_fail)) if value]
-        if given or base is None:
-            raise click.UsageError(f"--onnx merges into an existing graph: {'drop ' + ', '.join(given) if given else 'give --base'}")
-        run(output, "export-onnx", lambda progress: merge_onnx(
-            onnx_model, out, base=base, adapters=adapters, weights=weights or None, external_data=external_data,
-            verify=not no_verify, atol=atol, force=force, progress=progress,
-        ), show_onnx_merge)
-        return
-    if model is None or base is not None:
-        raise click.UsageError("give MODEL (or --onnx with --base)" if model is None else "--base goes with --onnx")
-    from loratools.export import export_onnx
-
-    run(output, "export-onnx", lambda progress: export_onnx(
-        model, out, adapters=adapters, weights=weights or None, with_past=with_past, dtype=dtype, quantize=quantize,
-        external_data=external_data, verify=not no_verify, atol=atol, keep_on_fail=keep_on_fail, force=force,
-        lora_slots=lora_slots, progress=progress,
-    ), show_export)
-
-
-@cli.command("export-adapter")
-@click.argument("adapter", type=click.Path(exists=True))
-@click.option("--onnx", "onnx_model", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="The graph exported with export-onnx --lora-slots.")
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
-              help="The onnxruntime adapter file, e.g. name.onnx_adapter.")
-@click.option("-w", "--weight", type=float, default=1.0, show_default=True, help="Multiplies the adapter's delta.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), help="Must be the graph's slot dtype (the default).")
-@click.option("--verify", "verify_model", type=click.Path(exists=True, file_okay=False), metavar="MODEL",
-              help="Run the graph with the adapter active against MODEL + adapter merged in PyTorch.")
-@click.option("--atol", type=float, help="Verification tolerance (default fp32 1e-4, fp16 2e-2).")
-@click.option("--force", is_flag=True, help="Replace OUT if it exists (never an input).")
-@output_options
-def export_adapter_command(adapter: str, onnx_model: str, out: str, weight: float, dtype: str | None,
-                           verify_model: str | None, atol: float | None, force: bool, output: Output) -> None:
-    """Write ADAPTER (PEFT or kohya) as an onnxruntime adapter file for a graph with LoRA slots.
-
-    A and B per slot in the graph's dtype, the scale (alpha/r, rsLoRA, rank and alpha patterns, --weight)
-    folded into B; slots the adapter does not touch get rank 0. Load it with onnxruntime.LoraAdapter and
-    RunOptions.add_active_adapter, one session for the base and every adapter.
-
-    \b
-    Examples:
-      loratools export-onnx fixtures/llama-base --lora-slots q_proj,v_proj -o out/base.onnx
-      loratools export-adapter fixtures/llama-lora-peft --onnx out/base.onnx -o out/a.onnx_adapter \\
-          --verify fixtures/llama-base
-    """
-    from loratools.export import export_adapter
-
-    run(output, "export-adapter", lambda progress: export_adapter(
-        adapter, out, onnx=onnx_model, weight=weight, dtype=dtype, verify=verify_model, atol=atol, force=force,
-        progress=progress,
-    ), show_adapter_export)

@@ -6,45 +6,51 @@ Every renderer takes the library's result and ``quiet`` (summary lines only, no 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import click
-import torch
 from rich.console import Console
 from rich.table import Table
 
-from loratools.adapter_commands import AdapterResult
-from loratools.algebra import ModuleChange
 from loratools.cli.options import stdout_console
-from loratools.export import AdapterExportResult, ExportCheck, ExportResult, OnnxMergeResult
-from loratools.extract import ExtractResult
-from loratools.inspection import InspectReport
-from loratools.merge import MergeResult
-from loratools.plan import Pairing
-from loratools.spectrum import SpectrumReport
-from loratools.verify import VerifyReport
+
+if TYPE_CHECKING:  # result types only: importing the command modules here would load torch with --help
+    from loratools.adapter_commands import AdapterResult
+    from loratools.algebra import ModuleChange
+    from loratools.extract import ExtractResult
+    from loratools.inspection import InspectReport
+    from loratools.merge import MergeResult
+    from loratools.plan import Pairing
+    from loratools.spectrum import SpectrumReport
+    from loratools.verify import VerifyReport
 
 SPARK_BLOCKS = "▁▂▃▄▅▆▇█"
 
 
-def sparkline(S: torch.Tensor, width: int = 16, decades: float = 3.0) -> str:
-    """A block-character sketch of S on a log scale: σ_1 is a full block, σ_1·10^-decades and below the lowest.
+def sparkline(S: Iterable[float], width: int = 16, decades: float = 3.0) -> str:
+    """A block-character sketch of a descending spectrum S on a log scale: σ_1 is a full block,
+    σ_1·10^-decades and below the lowest.
 
     Spectra longer than `width` are resampled at evenly spaced indices (first and last kept).
 
     Example:
-        >>> sparkline(torch.tensor([1.0, 0.1, 0.01, 0.001]))
+        >>> sparkline([1.0, 0.1, 0.01, 0.001])
         '█▆▃▁'
     """
-    if len(S) == 0:
+    values = [float(v) for v in S]
+    if not values:
         return ""
-    s = S.double()
-    if len(s) > width:
-        s = s[torch.linspace(0, len(s) - 1, width).round().long()]
-    top = float(s[0])
+    if len(values) > width:
+        step = (len(values) - 1) / (width - 1)
+        values = [values[round(i * step)] for i in range(width)]
+    top = values[0]
     if top <= 0:
-        return SPARK_BLOCKS[0] * len(s)
-    level = ((s.clamp_min(top * 10**-decades) / top).log10() / decades + 1) * (len(SPARK_BLOCKS) - 1)
-    return "".join(SPARK_BLOCKS[int(i)] for i in level.round().clamp(0, len(SPARK_BLOCKS) - 1))
+        return SPARK_BLOCKS[0] * len(values)
+    top_level = len(SPARK_BLOCKS) - 1
+    levels = (round((math.log10(max(v, top * 10**-decades) / top) / decades + 1) * top_level) for v in values)
+    return "".join(SPARK_BLOCKS[min(max(level, 0), top_level)] for level in levels)
 
 
 def show_extract_plan(result: ExtractResult) -> None:
@@ -124,7 +130,7 @@ def _extract_tables(console: Console, result: ExtractResult) -> None:
     console.print()
 
 
-def _human_bytes(n: int | None) -> str:
+def human_bytes(n: int | None) -> str:
     if n is None:
         return "-"
     units = ("B", "KiB", "MiB", "GiB", "TiB")
@@ -159,7 +165,7 @@ def show_inspect(report: InspectReport, quiet: bool, show_metadata: bool = False
         ("format", report.format),
         ("base model", report.base_model or "unknown"),
         ("dtype", ", ".join(report.dtypes) or "-"),
-        ("file size", _human_bytes(report.file_size)),
+        ("file size", human_bytes(report.file_size)),
         ("parameters", f"{report.num_parameters:,}"),
         ("modules", f"{report.num_modules}" + (f" ({shown} shown)" if shown < report.num_modules else "")),
         ("ranks", hist or "-"),
@@ -281,13 +287,13 @@ def show_spectrum(report: SpectrumReport, quiet: bool) -> None:
     for title in ("rank", "overall error", "parameters", f"size ({report.dtype})"):
         sweep.add_column(title, justify="right")
     for row in report.sweep():
-        sweep.add_row(str(row["rank"]), _fraction(row["rel_error"]), f"{row['params']:,}", _human_bytes(row["bytes"]))
-    sweep.add_row("full ΔW", "0", f"{full:,}", _human_bytes(full * report.itemsize))
+        sweep.add_row(str(row["rank"]), _fraction(row["rel_error"]), f"{row['params']:,}", human_bytes(row["bytes"]))
+    sweep.add_row("full ΔW", "0", f"{full:,}", human_bytes(full * report.itemsize))
     console.print(sweep)
     k = report.num_singular_values
     if rec:
         more = f"none ≤ {k}; raise --singular-values"
-        per_layer = (f"{rec['params']:,} parameters, {_human_bytes(rec['bytes'])}" if rec["params"] is not None
+        per_layer = (f"{rec['params']:,} parameters, {human_bytes(rec['bytes'])}" if rec["params"] is not None
                      else f"some layers need more than {k} singular values; raise --singular-values")
         global_rank = (f"{rec['global_rank']}  (overall error {_fraction(rec['global_rel_error'])})"
                        if rec["global_rank"] is not None else more)
@@ -367,81 +373,3 @@ def show_merge(result: MergeResult, quiet: bool) -> None:
         click.echo(f"copied: {', '.join(result.copied)}")
     if result.skipped:
         click.echo(f"not copied (weights or folders): {', '.join(result.skipped)}")
-
-
-def show_export(result: ExportResult, quiet: bool) -> None:
-    """``export-onnx``: the files and their sizes, the timings, the verification table and the generation check."""
-    console = stdout_console()
-    past = ", KV cache" if result.with_past else ""
-    merged = f", {result.merged_tensors} tensor(s) merged from {len(result.adapters)} adapter(s)" if result.adapters else ""
-    console.print(f"exported {result.architecture} ({result.kind}{past}, {result.precision}, opset {result.opset}{merged})")
-    for name, size in result.files.items():
-        console.print(f"  wrote {result.out.parent / name}  {_human_bytes(size)}")
-    if result.slots:
-        console.print(f"  {len(result.slots)} LoRA slot(s): inputs <module>.lora_A.weight (in, r) and"
-                      f" <module>.lora_B.weight (r, out), r dynamic, empty by default; e.g. {result.slots[0]}")
-    console.print("  timings: " + ", ".join(f"{step} {seconds:.1f}s" for step, seconds in result.timings.items()))
-    check = result.verification
-    if check is None:
-        console.print("  not verified (--no-verify)")
-        return
-    _show_check(console, check, quiet, "no adapter active: " if result.slots else "")
-
-
-def _show_check(console: Console, check: ExportCheck, quiet: bool, prefix: str = "") -> None:
-    if not quiet:
-        title = (f"verification: {prefix}onnxruntime vs PyTorch fp32 (batch {check.batch}, {check.sequence} tokens"
-                 + (f", past {check.past}" if check.past else "") + ")")
-        table = Table(title=title, title_justify="left")
-        for column, justify in (("output", "left"), ("max abs diff", "right"), ("tolerance", "right"),
-                                ("cosine", "right"), ("top-1", "right"), ("", "left")):
-            table.add_column(column, justify=justify)  # type: ignore[arg-type]
-        for m in check.outputs:
-            top1 = "-" if m.top1 is None else f"{m.top1:.1%}"
-            table.add_row(m.name, f"{m.max_abs_diff:.2e}", f"{m.tolerance:.1e}", f"{m.cosine:.6f}", top1,
-                          "ok" if m.passed else "[red]FAIL[/red]")
-        console.print(table)
-    worst = max(check.outputs, key=lambda m: m.max_abs_diff / max(m.tolerance, 1e-300), default=None)
-    if worst is not None:
-        console.print(f"verified in onnxruntime: {'passed' if check.passed else 'FAILED'}; worst output {worst.name}"
-                      f" max abs diff {worst.max_abs_diff:.2e} (tolerance {worst.tolerance:.1e})")
-    if check.generation:
-        g = check.generation
-        console.print(f"greedy generation with the cache: {g['matched']}/{g['steps']} tokens equal transformers'"
-                      f" generate() ({'ok' if g['passed'] else 'FAIL'})")
-
-
-def show_adapter_export(result: AdapterExportResult, quiet: bool) -> None:
-    """``export-adapter``: the file, the ranks per slot, the check with the adapter active."""
-    console = stdout_console()
-    ranks = sorted({r for r in result.ranks.values() if r})
-    console.print(f"wrote {result.out}  {_human_bytes(result.bytes)}: {result.filled} of {len(result.ranks)} slot(s)"
-                  f" of {result.onnx} filled (rank {', '.join(map(str, ranks)) or '-'}), {result.dtype},"
-                  f" weight {result.weight:g}")
-    if not quiet:
-        table = Table(title="slots", title_justify="left")
-        table.add_column("module")
-        table.add_column("rank", justify="right")
-        for module, rank in result.ranks.items():
-            table.add_row(module, str(rank) if rank else "- (empty)")
-        console.print(table)
-    if result.verification is not None:
-        _show_check(console, result.verification, quiet, "adapter active: ")
-
-
-def show_onnx_merge(result: OnnxMergeResult, quiet: bool) -> None:
-    """``export-onnx --onnx``: which initializers took which tensors, by name or by value, and the check."""
-    console = stdout_console()
-    console.print(f"merged {len(result.adapters)} adapter(s) into {result.source}: {result.by_name} tensor(s) found by"
-                  f" name, {result.by_value} by value; {len(result.placements)} initializer(s) updated")
-    for name, size in result.files.items():
-        console.print(f"  wrote {result.out.parent / name}  {_human_bytes(size)}")
-    if not quiet:
-        table = Table(title="placements", title_justify="left")
-        for column in ("checkpoint tensor", "initializer", "found by", "layout"):
-            table.add_column(column)
-        for p in result.placements:
-            table.add_row(p.tensor, p.initializer, p.how, "transposed (MatMul)" if p.transposed else "as stored")
-        console.print(table)
-    if result.verification is not None:
-        _show_check(console, result.verification, quiet, "merged graph: ")

@@ -36,17 +36,19 @@ from typing import TYPE_CHECKING
 
 import torch
 
+import loratools.export.trace as trace
 from loratools.algebra import adapter_weights
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import ExportError, OutputError
-from loratools.export.command import DEFAULT_ATOL, ExportCheck, Steps, staged_graph, verify_graph
+from loratools.export.kit import ExportCheck, Steps, VerifyOptions, staged_graph, verify_graph
+from loratools.export.model import load_merged_model
 from loratools.merge import apply_ops, plan_merge
 from loratools.names import short_list
 from loratools.progress import Progress
 from loratools.writer import check_output
 
 if TYPE_CHECKING:  # onnx is imported only when a graph is read
-    from loratools.export.lora_runtime import OnnxWeights
+    from loratools.export.onnx_weights import OnnxWeights
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
                 "float64": torch.float64}
@@ -184,7 +186,7 @@ def _check_inputs(model: str | os.PathLike, base: str | os.PathLike, out: Path, 
         raise OutputError(f"{out}: the output is the input ONNX model; choose another -o path")
     check_output(out, [model, base, *adapters], force)
     if not adapters:
-        raise ExportError("--onnx merges adapters into an ONNX model: give at least one -a ADAPTER")
+        raise ExportError("merge-onnx merges adapters into an ONNX model: give at least one -a ADAPTER")
 
 
 def merge_onnx(
@@ -195,8 +197,7 @@ def merge_onnx(
     adapters: Sequence[str | os.PathLike],
     weights: Sequence[float] | None = None,
     external_data: bool = False,
-    verify: bool = True,
-    atol: float | None = None,
+    checks: VerifyOptions = VerifyOptions(),
     force: bool = False,
     progress: Progress | None = None,
 ) -> OnnxMergeResult:
@@ -208,7 +209,8 @@ def merge_onnx(
             with `external_data`).
         base: the checkpoint the graph was exported from (folder or file); its tensors identify the weights.
         adapters, weights: PEFT/kohya adapters merged as W + Σ wᵢ·ΔWᵢ (weights default 1).
-        verify: compare with BASE + adapters in PyTorch when transformers is installed (see notes otherwise).
+        checks: compare with BASE + adapters in PyTorch when transformers is installed (see notes otherwise);
+            ``keep_on_fail`` does not apply (a failed merge is never kept).
     Returns:
         OnnxMergeResult with every placement (initializer, tensor, by name or value, transposed).
     Raises:
@@ -224,10 +226,10 @@ def merge_onnx(
     _check_inputs(model, base, out, adapters, force)
     check_output(runtime.data_file(out), [model, base, *adapters], force)
     factors = adapter_weights(len(adapters), weights)
-    steps = Steps(["match", "write"] + (["verify"] if verify else []), progress)
+    steps = Steps(["match", "write"] + (["verify"] if checks.verify else []), progress)
     notes: list[str] = []
 
-    from loratools.export.lora_runtime import OnnxWeights  # onnx, only now that a graph is read
+    from loratools.export.onnx_weights import OnnxWeights  # onnx, only now that a graph is read
 
     with steps("match"), open_checkpoint(base) as index:
         ops = plan_merge(index, adapters, weights=factors)
@@ -251,9 +253,9 @@ def merge_onnx(
             dtype = max(graph, key=lambda i: i.nbytes).dtype if graph.initializers else "float32"
             del graph
             files = runtime.file_sizes([tmp_dir / out.name, runtime.data_file(tmp_dir / out.name)])
-        if verify:
+        if checks.verify:
             with steps("verify"):
-                report, why = _verify(tmp_dir / out.name, base, adapters, factors, dtype, atol)
+                report, why = _verify(tmp_dir / out.name, base, adapters, factors, dtype, checks)
             if why:
                 notes.append(f"not verified: {why}")
             if report is not None and not report.passed:
@@ -270,7 +272,7 @@ def merge_onnx(
 
 
 def _verify(graph: Path, base: str | os.PathLike, adapters: Sequence, weights: list[float], dtype: str,
-            atol: float | None) -> tuple[ExportCheck | None, str]:
+            checks: VerifyOptions) -> tuple[ExportCheck | None, str]:
     """(report, "") or (None, why it could not be verified)."""
     missing = [name for name in ("transformers",) if importlib.util.find_spec(name) is None]
     if missing:
@@ -278,9 +280,7 @@ def _verify(graph: Path, base: str | os.PathLike, adapters: Sequence, weights: l
     if not (Path(base) / "config.json").is_file():
         return None, f"{base} is not a Hugging Face model folder (no config.json)"
     import loratools.export.runtime as runtime
-    import loratools.export.trace as trace
-    from loratools.export.lora_runtime import graph_inputs
-    from loratools.export.model import load_merged_model
+    from loratools.export.slot_runtime import graph_inputs
 
     loaded = load_merged_model(base, adapters=adapters, weights=weights)
     names = graph_inputs(graph)
@@ -293,5 +293,4 @@ def _verify(graph: Path, base: str | os.PathLike, adapters: Sequence, weights: l
                       f" ({short_list(list(spec.inputs), 5)})")
     module = trace.GraphModule(loaded.model, spec)
     precision = "fp16" if dtype == "float16" else "fp32"
-    return verify_graph(module, runtime.session(graph), precision=precision,
-                        atol=atol if atol is not None else DEFAULT_ATOL[precision]), ""
+    return verify_graph(module, runtime.session(graph), precision=precision, atol=checks.tolerance(precision)), ""

@@ -17,7 +17,7 @@ import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
-from loratools.errors import ExportError
+from loratools.errors import CheckpointError, ExportError
 from loratools.export.silence import silenced
 
 PROTOBUF_LIMIT = 2_000_000_000  # bytes of weights above which the graph must keep its tensors in a .data file
@@ -249,3 +249,22 @@ def greedy_generate(sess: ort.InferenceSession, prompt: np.ndarray, steps: int) 
 def file_sizes(paths: Sequence[Path]) -> dict[str, int]:
     """File name → bytes, for the files that exist."""
     return {p.name: p.stat().st_size for p in paths if p.exists()}
+
+
+# ONNX tensor element type -> dtype name (float types loratools reads and writes)
+ONNX_DTYPES: dict[int, str] = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.DOUBLE: "float64",
+}
+
+
+def load_proto(path: Path, *, weights: bool) -> onnx.ModelProto:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such ONNX file")
+    try:
+        return onnx.load(str(path), load_external_data=weights)
+    except Exception as exc:  # protobuf and onnx raise several types; the user needs one line
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable ONNX model ({first})") from None

@@ -252,7 +252,7 @@ def slots_from_metadata(metadata: dict[str, list]) -> list[Slot]:
 def add_slots(model: Any, module: SlottedModule) -> None:
     """Finish an exported slotted graph (an onnx_ir model): zero-size defaults for the slot inputs and the slot
     table in the metadata."""
-    from loratools.export.lora_runtime import add_slot_defaults
+    from loratools.export.slot_runtime import add_slot_defaults
 
     shapes: dict[str, tuple[int, int]] = {}
     for slot in module.slots:

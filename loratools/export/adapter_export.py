@@ -28,9 +28,11 @@ from typing import Any
 
 import torch
 
+import loratools.export.trace as trace
 from loratools.adapter_files import load_usable
 from loratools.errors import ExportError, LoratoolsError, ShapeError
-from loratools.export.command import DEFAULT_ATOL, ExportCheck, Steps, verify_graph
+from loratools.export.kit import DEFAULT_ATOL, ExportCheck, Steps, verify_graph
+from loratools.export.model import load_merged_model
 from loratools.export.slots import (
     A_SUFFIX,
     B_SUFFIX,
@@ -86,7 +88,7 @@ class AdapterExportResult:
 
 def graph_slots(onnx: Path) -> tuple[list[Slot], str]:
     """The slots of a graph and their dtype name, from its inputs (and loratools' slot table when present)."""
-    from loratools.export.lora_runtime import read_slots
+    from loratools.export.slot_runtime import read_slots
 
     inputs, metadata = read_slots(onnx, suffixes=(A_SUFFIX, B_SUFFIX), metadata_key=METADATA_KEY)
     if not inputs:
@@ -159,7 +161,7 @@ def export_adapter(
     Example:
         >>> export_adapter("fixtures/llama-lora-peft", "out/a.onnx_adapter", onnx="out/base.onnx").ranks
     """
-    from loratools.export.lora_runtime import write_adapter
+    from loratools.export.slot_runtime import write_adapter
 
     onnx, out = Path(onnx), Path(out)
     inputs = [adapter, onnx] + ([verify] if verify is not None else [])
@@ -225,7 +227,7 @@ class _AdapterSession:
         return self.sess.get_inputs()
 
     def run(self, names: Any, feeds: dict, options: Any = None) -> Any:
-        from loratools.export.lora_runtime import run_with_adapters
+        from loratools.export.slot_runtime import run_with_adapters
 
         out = run_with_adapters(self.sess, feeds, self.adapters)
         return [out[n] for n in (names or list(out))]
@@ -234,12 +236,10 @@ class _AdapterSession:
 def verify_with_adapter(onnx: Path, adapter_file: Path, *, model: str | os.PathLike, adapter: str | os.PathLike,
                         weight: float, precision: str, atol: float) -> ExportCheck:
     """Run the slotted graph `onnx` with `adapter_file` active against `model` + `adapter` (× weight) merged in
-    PyTorch, on `command.verify_graph`'s inputs (batch 3, 7 tokens, past 6 with the KV cache, one padded row;
+    PyTorch, on `kit.verify_graph`'s inputs (batch 3, 7 tokens, past 6 with the KV cache, one padded row;
     with the KV cache also greedy generation against ``generate``)."""
     import loratools.export.runtime as runtime
-    import loratools.export.trace as trace
-    from loratools.export.lora_runtime import graph_inputs
-    from loratools.export.model import load_merged_model
+    from loratools.export.slot_runtime import graph_inputs
 
     loaded = load_merged_model(model, adapters=[adapter], weights=[weight])
     names = [n for n in graph_inputs(onnx) if not n.endswith((A_SUFFIX, B_SUFFIX))]
