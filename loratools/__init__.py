@@ -36,74 +36,102 @@ Example:
     >>> loratools.inspect_adapter("out/adapter").modules[0].singular_values
 """
 
-from loratools.adapter import Adapter, LoraModule
-from loratools.adapter_commands import AdapterResult, combine, convert, rescale, resize
-from loratools.adapter_files import load_adapter, save_adapter
-from loratools.algebra import combine_adapters, rescale_adapter, resize_adapter
-from loratools.checkpoint import TensorIndex, open_checkpoint
-from loratools.errors import (
-    CheckpointError,
-    ExportError,
-    FormatError,
-    LoratoolsError,
-    OutputError,
-    ShapeError,
-)
-from loratools.export import AdapterExportResult, ExportResult, OnnxMergeResult, export_adapter, export_onnx, merge_onnx
-from loratools.extract import ExtractResult, extract
-from loratools.inspection import InspectReport, inspect_adapter
-from loratools.linalg import factor_spectrum
-from loratools.merge import MergeResult, merge
-from loratools.plan import Selection, plan_extract
-from loratools.policies import RankPolicy
-from loratools.rsvd import SvdSettings, low_rank, randomized_svd
-from loratools.spectrum import SpectrumReport, rank_spectrum
-from loratools.verify import VerifyReport, verify_adapter
+import importlib
+from typing import TYPE_CHECKING
+
 from loratools.version import __version__
 
-__all__ = [
-    "Adapter",
-    "AdapterExportResult",
-    "AdapterResult",
-    "CheckpointError",
-    "ExportError",
-    "ExportResult",
-    "ExtractResult",
-    "FormatError",
-    "InspectReport",
-    "LoraModule",
-    "LoratoolsError",
-    "MergeResult",
-    "OnnxMergeResult",
-    "OutputError",
-    "RankPolicy",
-    "Selection",
-    "ShapeError",
-    "SpectrumReport",
-    "SvdSettings",
-    "TensorIndex",
-    "VerifyReport",
-    "__version__",
-    "combine",
-    "combine_adapters",
-    "convert",
-    "export_adapter",
-    "export_onnx",
-    "extract",
-    "factor_spectrum",
-    "inspect_adapter",
-    "load_adapter",
-    "low_rank",
-    "merge",
-    "merge_onnx",
-    "open_checkpoint",
-    "plan_extract",
-    "randomized_svd",
-    "rank_spectrum",
-    "rescale",
-    "rescale_adapter",
-    "resize",
-    "resize_adapter",
-    "save_adapter",
-    "verify_adapter",
-]
+if TYPE_CHECKING:
+    from loratools.adapter import Adapter, LoraModule
+    from loratools.adapter_commands import AdapterResult, combine, convert, rescale, resize
+    from loratools.adapter_files import load_adapter, save_adapter
+    from loratools.algebra import combine_adapters, rescale_adapter, resize_adapter
+    from loratools.checkpoint import TensorIndex, open_checkpoint
+    from loratools.errors import (
+        CheckpointError,
+        ExportError,
+        FormatError,
+        LoratoolsError,
+        OutputError,
+        ShapeError,
+    )
+    from loratools.export import (
+        AdapterExportResult,
+        ExportOptions,
+        ExportResult,
+        OnnxMergeResult,
+        VerifyOptions,
+        export_adapter,
+        export_onnx,
+        merge_onnx,
+    )
+    from loratools.extraction import ExtractResult, extract
+    from loratools.inspection import InspectReport, inspect_adapter
+    from loratools.linalg import factor_spectrum
+    from loratools.merging import MergeResult, merge
+    from loratools.options import RankPolicy, Selection, SvdSettings
+    from loratools.plan import plan_extract
+    from loratools.rsvd import low_rank, randomized_svd
+    from loratools.spectrum import SpectrumReport, rank_spectrum
+    from loratools.verify import VerifyReport, verify_adapter
+
+# public name -> the module that defines it; imported on first use, so ``import loratools`` (and with it the
+# command line, ``loratools --help``) loads no torch until a function or class is used.
+_PUBLIC = {
+    "Adapter": "loratools.adapter",
+    "AdapterExportResult": "loratools.export",
+    "AdapterResult": "loratools.adapter_commands",
+    "CheckpointError": "loratools.errors",
+    "combine": "loratools.adapter_commands",
+    "combine_adapters": "loratools.algebra",
+    "convert": "loratools.adapter_commands",
+    "export_adapter": "loratools.export",
+    "export_onnx": "loratools.export",
+    "ExportError": "loratools.errors",
+    "ExportOptions": "loratools.export",
+    "ExportResult": "loratools.export",
+    "extract": "loratools.extraction",
+    "ExtractResult": "loratools.extraction",
+    "factor_spectrum": "loratools.linalg",
+    "FormatError": "loratools.errors",
+    "inspect_adapter": "loratools.inspection",
+    "InspectReport": "loratools.inspection",
+    "load_adapter": "loratools.adapter_files",
+    "LoraModule": "loratools.adapter",
+    "LoratoolsError": "loratools.errors",
+    "low_rank": "loratools.rsvd",
+    "merge": "loratools.merging",
+    "merge_onnx": "loratools.export",
+    "MergeResult": "loratools.merging",
+    "OnnxMergeResult": "loratools.export",
+    "open_checkpoint": "loratools.checkpoint",
+    "OutputError": "loratools.errors",
+    "plan_extract": "loratools.plan",
+    "randomized_svd": "loratools.rsvd",
+    "rank_spectrum": "loratools.spectrum",
+    "RankPolicy": "loratools.options",
+    "rescale": "loratools.adapter_commands",
+    "rescale_adapter": "loratools.algebra",
+    "resize": "loratools.adapter_commands",
+    "resize_adapter": "loratools.algebra",
+    "save_adapter": "loratools.adapter_files",
+    "Selection": "loratools.options",
+    "ShapeError": "loratools.errors",
+    "SpectrumReport": "loratools.spectrum",
+    "SvdSettings": "loratools.options",
+    "TensorIndex": "loratools.checkpoint",
+    "verify_adapter": "loratools.verify",
+    "VerifyOptions": "loratools.export",
+    "VerifyReport": "loratools.verify",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'loratools' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = sorted([*_PUBLIC, "__version__"])

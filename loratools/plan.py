@@ -39,8 +39,8 @@ from loratools.adapter import TRANSPOSED_KINDS
 from loratools.checkpoint import TensorIndex
 from loratools.errors import CheckpointError, LoratoolsError, ShapeError
 from loratools.names import matches, natural_key, short_list
+from loratools.options import Selection
 
-EMBEDDING_MODES = ("lora", "full", "skip")
 EMBEDDING_LEAF = re.compile(r"(^|_)(embed|embed_in|embed_tokens|embed_positions|embedding|embeddings|wte|wpe|shared)$")
 # architecture class-name suffix -> PEFT task_type (first match wins)
 TASK_TYPES = (
@@ -54,33 +54,6 @@ TASK_TYPES = (
 )
 
 Kinds = dict[str, tuple[str | None, str]]  # tensor name -> (LoRA kind or None for a whole tensor, why)
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which tensors of a base / tuned pair a command works on; shared by extract, spectrum and verify.
-
-    Attributes:
-        include: keep only tensors matching one of these patterns (all when empty).
-        exclude: leave out tensors matching one of these patterns.
-        embeddings: ``lora`` (extract), ``full`` (save whole when changed) or ``skip`` (compare and report only).
-        save_full: tensors matching these patterns are saved whole when changed (PEFT ``modules_to_save``),
-            whatever their kind.
-        skip_mismatched: leave out (and list) tensors whose shapes differ instead of raising ShapeError.
-    Patterns are globs matched against the tensor and its module name (`names.matches`).
-    """
-
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    embeddings: str = "lora"
-    save_full: tuple[str, ...] = ()
-    skip_mismatched: bool = False
-
-    def __post_init__(self) -> None:
-        if self.embeddings not in EMBEDDING_MODES:
-            raise LoratoolsError(f"--embeddings {self.embeddings!r}: choose one of {', '.join(EMBEDDING_MODES)}")
-        for name in ("include", "exclude", "save_full"):  # accept any iterable of patterns, store a tuple
-            object.__setattr__(self, name, tuple(getattr(self, name)))
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,9 @@ from loratools.adapter_files import load_adapter
 from loratools.checkpoint import TensorIndex
 from loratools.deltas import layer_deltas
 from loratools.errors import LoratoolsError
-from loratools.extract import extract
-from loratools.plan import Selection
-from loratools.policies import RankPolicy
-from loratools.rsvd import MAX_POWER_ITERS, SvdSettings
+from loratools.extraction import extract
+from loratools.options import RankPolicy, Selection, SvdSettings
+from loratools.rsvd import MAX_POWER_ITERS
 from tests.conftest import (
     LLAMA_BASE,
     LLAMA_BASE_BF16,
@@ -207,7 +206,7 @@ def test_kohya_output_of_the_conv_fixture_reads_back_with_identical_deltas(tmp_p
 
 
 def test_conv_rank_applies_to_conv_layers_only(tmp_path):
-    result = extract(SD_BASE, SD_TUNED, tmp_path / "sd.safetensors", policy=RankPolicy("rank", 4), conv_rank=2,
+    result = extract(SD_BASE, SD_TUNED, tmp_path / "sd.safetensors", policy=RankPolicy("rank", 4, conv_rank=2),
                      format="kohya")
     ranks = {layer.name: (layer.kind, layer.rank) for layer in result.layers}
     assert {r for k, r in ranks.values() if k == "conv2d"} == {2}

@@ -22,7 +22,7 @@ import torch
 
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import CheckpointError, ExportError, LoratoolsError
-from loratools.merge import apply_ops, plan_merge
+from loratools.merging import apply_ops, plan_merge
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 IGNORED_MISSING = ("pooler.",)  # an encoder head checkpoint (BertForMaskedLM) has no pooler; it is not exported

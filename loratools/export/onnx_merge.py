@@ -42,7 +42,7 @@ from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import ExportError, OutputError
 from loratools.export.kit import ExportCheck, Steps, VerifyOptions, staged_graph, verify_graph
 from loratools.export.model import load_merged_model
-from loratools.merge import apply_ops, plan_merge
+from loratools.merging import apply_ops, plan_merge
 from loratools.names import short_list
 from loratools.progress import Progress
 from loratools.writer import check_output

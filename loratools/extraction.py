@@ -46,10 +46,10 @@ from loratools.errors import FormatError, LoratoolsError
 from loratools.formats import ORIGINAL_NAMESPACES, default_format, pipeline_names
 from loratools.linalg import pooled_rel_error
 from loratools.names import matches, natural_key, short_list
-from loratools.plan import LayerPair, Pairing, Plan, Selection, WholeTensor, plan_extract
-from loratools.policies import RankPolicy
+from loratools.options import RankPolicy, Selection, SvdSettings
+from loratools.plan import LayerPair, Pairing, Plan, WholeTensor, plan_extract
 from loratools.progress import Progress
-from loratools.rsvd import SvdSettings, low_rank
+from loratools.rsvd import compute_dtype, describe_svd, low_rank, svd_device
 from loratools.writer import check_output, provenance, write_json
 
 
@@ -166,7 +166,6 @@ def extract(
     out: str | os.PathLike,
     *,
     policy: RankPolicy = RankPolicy(),
-    conv_rank: int | None = None,
     selection: Selection = Selection(),
     svd: SvdSettings = SvdSettings(),
     format: str | None = None,
@@ -181,7 +180,7 @@ def extract(
     Args:
         base, tuned: checkpoints `open_checkpoint` reads (folders, shards, single files).
         out: output path: a PEFT folder, a ``.safetensors`` file (bare PEFT or kohya).
-        policy: rank policy for every layer; `conv_rank` overrides it with a fixed rank for conv2d layers.
+        policy: rank policy for every layer (``policy.conv_rank``: a fixed rank for conv2d layers).
         selection: which tensors; embeddings as LoRA, whole or skipped; --save-full patterns (`Selection`).
         svd: how each ΔW is factored (randomized or exact, seed, precision, device; `SvdSettings`).
         format: ``peft``, ``kohya`` or ``diffusers``; default from the base checkpoint (`default_format`).
@@ -205,9 +204,7 @@ def extract(
     if format is not None:
         check_format(format)
     written_dtype = resolve_dtype(dtype)
-    if conv_rank is not None and conv_rank < 1:
-        raise LoratoolsError(f"--conv-rank {conv_rank} must be ≥ 1")
-    device = svd.torch_device()
+    device = svd_device(svd)
     check_output(out, [base, tuned], force)
     if report is not None:
         check_output(report, [base, tuned, out], force)
@@ -223,7 +220,7 @@ def extract(
         out_dtype = written_dtype or _tuned_dtype(plan, tuned_index)
         summary = ExtractSummary(
             base=str(base), tuned=str(tuned), output=str(out), format=format, dtype=dtype_name(out_dtype),
-            rank_policy=_describe(policy, conv_rank), algorithm=svd.describe(), device=str(device),
+            rank_policy=policy.describe(), algorithm=describe_svd(svd), device=str(device),
             kind_source=plan.kind_source, format_reason=format_reason, task_type=plan.task_type, pairing=plan.pairing,
             excluded=len(plan.excluded),
         )
@@ -236,7 +233,7 @@ def extract(
         full = _compare_whole(plan, base_index, tuned_index, result, progress, total)
         factors: dict[LayerPair, tuple[torch.Tensor, torch.Tensor]] = {}
         # one ΔW in memory at a time, each formed in the same workspace while the next is read ahead
-        deltas = layer_deltas(base_index, tuned_index, plan.pairs, dtype=svd.dtype, device=device, reuse=True)
+        deltas = layer_deltas(base_index, tuned_index, plan.pairs, dtype=compute_dtype(svd), device=device, reuse=True)
         for number, pair in enumerate(plan.pairs):
             if progress:
                 progress(len(plan.whole) + number, total, pair.module)
@@ -245,7 +242,7 @@ def extract(
             if delta.energy == 0:
                 result.unchanged += 1
                 continue
-            layer_policy = RankPolicy("rank", conv_rank) if conv_rank and pair.kind == "conv2d" else policy
+            layer_policy = policy.for_kind(pair.kind)
             lr = low_rank(delta.matrix, layer_policy, settings=svd.for_layer(pair.module), total_energy=delta.energy)
             if lr.rank:
                 left, right = lr.factors()
@@ -343,10 +340,6 @@ def _tuned_dtype(plan: Plan, tuned: TensorIndex) -> torch.dtype:
     counts = Counter(tuned.tensors[p.tensor].dtype for p in plan.pairs)
     floating = [d for d, _ in counts.most_common() if d in OUTPUT_DTYPES.values()]
     return floating[0] if floating else torch.float32
-
-
-def _describe(policy: RankPolicy, conv_rank: int | None) -> str:
-    return policy.describe() + (f", conv rank {conv_rank}" if conv_rank else "")
 
 
 def _compare_whole(
