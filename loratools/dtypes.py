@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from loratools import options
 from loratools.errors import LoratoolsError
+from loratools.options import OUTPUT_DTYPE_NAMES
+from loratools.options import PRECISIONS as PRECISION_NAMES
 
 DType = str | torch.dtype
-OUTPUT_DTYPES = dict(zip(options.OUTPUT_DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16), strict=True))
-PRECISIONS = dict(zip(options.PRECISIONS, (torch.float32, torch.float64), strict=True))
+OUTPUT_DTYPES = dict(zip(OUTPUT_DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16), strict=True))
+PRECISIONS = dict(zip(PRECISION_NAMES, (torch.float32, torch.float64), strict=True))
 
 
 def resolve_dtype(value: DType | None, *, option: str = "--dtype") -> torch.dtype | None:
