@@ -6,28 +6,7 @@ options that travel together are frozen dataclasses: `Selection` (which tensors)
 truncated SVD is computed), `RankPolicy` (which rank). Dtypes are given as ``"fp32"``/``"fp16"``/``"bf16"``
 or a ``torch.dtype`` (`dtypes.DType`).
 
-Layers, bottom up; a module imports only from layers below its own (checked by shared/tools/import-layers):
-
-    errors, progress, version, names   no loratools imports: exceptions, the progress callback, the version,
-                                       tensor-name patterns and natural order
-    linalg                             Frobenius energies in float64, residuals, factored SVD / spectrum
-    dtypes, policies                   the dtype convention; rank policies and Eckart–Young errors
-    adapter, checkpoint                the adapter data model; lazy checkpoint reading (headers, one tensor)
-    rsvd, spectral                     randomized SVD and low_rank (SvdSettings); spectrum statistics
-    formats, writer, plan              the one table of key names; atomic writes and provenance;
-                                       which tensors become which ops (Selection, Plan, Pairing)
-    adapter_files, algebra,            adapter files in/out; adapter math on factors;
-    deltas, matching                   ΔW streaming and whole-tensor changes; adapter module <-> tensor
-    extract, spectrum, verify,         one module per command family: each opens its inputs, calls the
-    inspection, merge,                 layers below, writes atomically and returns a result
-    adapter_commands
-    export (model, trace, runtime,     export-onnx: the merged model in memory (transformers), traced with
-    command, slots, lora_runtime,      torch.onnx, written and verified; multi-LoRA slots and adapter files
-    multilora, onnx_merge)             (export-adapter); adapters merged into an existing ONNX model; runtime
-                                       and lora_runtime are the only importers of onnx and onnxruntime
-    cli (app, options, render, commands)   the only importer of click and rich
-    plot                               --plot PNGs, the only importer of matplotlib (used by cli)
-    __init__                           this public API; nothing inside the package imports it
+The package's layers and the owners of heavy imports are declared once, in `loratools.layers`.
 
 Example:
     >>> import loratools

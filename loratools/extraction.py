@@ -96,6 +96,7 @@ class ChangedTensor(TensorChange):
 
     saved: bool = False
     why: str = ""
+    left_out: bool = False  # a layer the output format cannot hold (`--format peft` keeps it)
 
 
 @dataclass
@@ -273,9 +274,6 @@ def extract(
     return result
 
 
-LEFT_OUT = "(--format peft keeps it)"  # ends the `why` of layers a kohya or diffusers file cannot hold
-
-
 def _check_plan_format(plan: Plan, format: str, selection: Selection = Selection()) -> None:
     """Fit the plan to what `format` can hold (kohya, diffusers: no embedding or Conv1D LoRAs, no whole tensors).
 
@@ -294,8 +292,8 @@ def _check_plan_format(plan: Plan, format: str, selection: Selection = Selection
         if pattern is not None:
             raise FormatError(f"{pair.tensor}: {format} has no {pair.kind} layout, but --include {pattern!r} asks for"
                               " it; use --format peft, or an --include pattern that leaves it out")
-        why = f"{pair.kind}: {format} has no {pair.kind} layout {LEFT_OUT}"
-        plan.whole.append(WholeTensor(pair.tensor, pair.shape, False, why))
+        why = f"{pair.kind}: {format} has no {pair.kind} layout (--format peft keeps it)"
+        plan.whole.append(WholeTensor(pair.tensor, pair.shape, False, why, left_out=True))
     if len(kept) != len(plan.pairs):
         plan.pairs = kept
         plan.whole.sort(key=lambda w: natural_key(w.tensor))
@@ -356,7 +354,7 @@ def _compare_whole(
         if change is None:
             result.unchanged += 1
             continue
-        result.changed.append(ChangedTensor(**asdict(change), saved=whole.save, why=whole.why))
+        result.changed.append(ChangedTensor(**asdict(change), saved=whole.save, why=whole.why, left_out=whole.left_out))
         if whole.save:
             _refuse_module_conflict(whole, lora_modules)
             full[whole.tensor] = tuned.get(whole.tensor)
@@ -408,11 +406,11 @@ def _finish_summary(result: ExtractResult, adapter: Adapter, out_dtype: torch.dt
     if zero:
         notes.append(f"{len(zero)} changed layer(s) got rank 0 under {summary.rank_policy} and are not in the"
                      f" adapter: {short_list(zero)}")
-    left_out = [c.name for c in result.changed if not c.saved and c.why.endswith(LEFT_OUT)]
+    left_out = [c.name for c in result.changed if not c.saved and c.left_out]
     if left_out:
         notes.append(f"{len(left_out)} changed tensor(s) the {summary.format} format cannot hold were left out: "
                      f"{short_list(left_out)}; use --format peft to keep them")
-    dropped = [c.name for c in result.changed if not c.saved and not c.why.endswith(LEFT_OUT)]
+    dropped = [c.name for c in result.changed if not c.saved and not c.left_out]
     if dropped:
         notes.append(f"{len(dropped)} changed tensor(s) cannot be a LoRA and were not saved: {short_list(dropped)};"
                      " save them whole with --save-full PATTERN (PEFT modules_to_save)")

@@ -10,8 +10,8 @@ Names are module paths below ``loratools`` (``formats.peft``); a trailing ``.*``
 from __future__ import annotations
 
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    # exceptions, the progress callback, the version, tensor-name patterns, the option dataclasses
-    ("foundation", ("errors", "progress", "version", "names", "options", "layers")),
+    # exceptions, the progress callback, the version, tensor-name patterns, the option dataclasses, silencing
+    ("foundation", ("errors", "progress", "version", "names", "options", "layers", "silence")),
     # Frobenius energies and factored SVDs, the dtype convention, rank policies and Eckart–Young errors
     ("math", ("linalg", "dtypes", "policies")),
     # the adapter data model; lazy checkpoint reading (headers, one tensor at a time)
@@ -38,7 +38,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("export.runtime", "export.slot_runtime", "export.onnx_weights"),
     "onnx_ir": ("export.runtime", "export.slot_runtime"),
     "onnxscript": (),
-    "transformers": ("export.model", "export.trace", "plan"),
+    "transformers": ("export.model", "export.trace", "plan", "silence"),
     "matplotlib": ("plot",),
     "click": ("cli.*",),
     "rich": ("cli.*",),

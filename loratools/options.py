@@ -11,11 +11,28 @@ from dataclasses import dataclass, replace
 from loratools.errors import LoratoolsError
 
 EMBEDDING_MODES = ("lora", "full", "skip")
-RANK_POLICIES = ("rank", "energy", "max_error", "sv_ratio", "threshold")
 PRECISIONS = ("fp32", "fp64")  # the dtypes ΔW is formed and factored in (`dtypes.PRECISIONS` maps them)
+# rank policy -> (test of its value, what the value must be)
+POLICY_LIMITS = {
+    "rank": (lambda v: v >= 1 and float(v).is_integer(), "a whole number ≥ 1"),
+    "energy": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    "max_error": (lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
+    "sv_ratio": (lambda v: v >= 1, "a ratio ≥ 1"),
+    "threshold": (lambda v: v >= 0, "a value ≥ 0"),
+}
+RANK_POLICIES = tuple(POLICY_LIMITS)
 OUTPUT_DTYPE_NAMES = ("fp32", "fp16", "bf16")  # written dtypes (`dtypes.OUTPUT_DTYPES` maps them)
+EXPORT_DTYPES = ("fp32", "fp16")  # ONNX graph precisions; bf16 does not run on onnxruntime's CPU provider
+DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.25}  # ONNX verification tolerance by graph precision
 # formats an adapter is written in; `adapter_files.WRITERS` has one writer for each (a test holds them equal)
 ADAPTER_FORMATS = ("peft", "kohya", "diffusers")
+
+
+def check_policy_value(kind: str, value: float) -> None:
+    """LoratoolsError naming the option (``--energy``…) when `value` is out of the range of rank policy `kind`."""
+    test, wants = POLICY_LIMITS[kind]
+    if not test(value):
+        raise LoratoolsError(f"--{kind.replace('_', '-')} {value} is out of range; it must be {wants}")
 
 
 @dataclass(frozen=True)
@@ -67,22 +84,7 @@ class RankPolicy:
     def __post_init__(self) -> None:
         if self.kind not in RANK_POLICIES:
             raise LoratoolsError(f"unknown rank policy {self.kind!r}; choose one of {', '.join(RANK_POLICIES)}")
-        limits = {
-            "rank": self.value >= 1 and float(self.value).is_integer(),
-            "energy": 0 < self.value <= 1,
-            "max_error": 0 <= self.value < 1,
-            "sv_ratio": self.value >= 1,
-            "threshold": self.value >= 0,
-        }
-        if not limits[self.kind]:
-            wants = {
-                "rank": "a whole number ≥ 1",
-                "energy": "a fraction in (0, 1]",
-                "max_error": "a fraction in [0, 1)",
-                "sv_ratio": "a ratio ≥ 1",
-                "threshold": "a value ≥ 0",
-            }[self.kind]
-            raise LoratoolsError(f"--{self.kind.replace('_', '-')} {self.value} is out of range; it must be {wants}")
+        check_policy_value(self.kind, self.value)
         if self.max_rank < 1:
             raise LoratoolsError(f"--max-rank {self.max_rank} must be ≥ 1")
         if self.conv_rank is not None and self.conv_rank < 1:

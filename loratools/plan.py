@@ -40,6 +40,7 @@ from loratools.checkpoint import TensorIndex
 from loratools.errors import CheckpointError, LoratoolsError, ShapeError
 from loratools.names import matches, natural_key, short_list
 from loratools.options import Selection
+from loratools.silence import quiet_transformers
 
 EMBEDDING_LEAF = re.compile(r"(^|_)(embed|embed_in|embed_tokens|embed_positions|embedding|embeddings|wte|wpe|shared)$")
 # architecture class-name suffix -> PEFT task_type (first match wins)
@@ -130,12 +131,14 @@ class LayerPair:
 
 @dataclass(frozen=True)
 class WholeTensor:
-    """A shared tensor that is not extracted as a LoRA: compared, reported when changed, saved whole if `save`."""
+    """A shared tensor that is not extracted as a LoRA: compared, reported when changed, saved whole if `save`.
+    `left_out`: a LoRA layer the output format cannot hold (kohya, diffusers: embeddings, Conv1D)."""
 
     tensor: str
     shape: tuple[int, ...]
     save: bool
     why: str
+    left_out: bool = False
 
     @property
     def module(self) -> str:
@@ -226,18 +229,15 @@ def _module_types_from_transformers(config: dict | None) -> tuple[Kinds | None, 
     except ImportError:
         return None, "", "transformers is not installed"
     arch = architectures[0]
-    previous = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
     try:
-        cls = getattr(transformers, arch, None)
-        if cls is None or not hasattr(cls, "config_class"):
-            return None, "", f"transformers has no model class {arch}"
-        with torch.device("meta"):
-            model = cls(cls.config_class.from_dict(dict(config)))
+        with quiet_transformers():
+            cls = getattr(transformers, arch, None)
+            if cls is None or not hasattr(cls, "config_class"):
+                return None, "", f"transformers has no model class {arch}"
+            with torch.device("meta"):
+                model = cls(cls.config_class.from_dict(dict(config)))
     except Exception as exc:  # arbitrary model code: any failure means "decide by names and shapes"
         return None, "", f"building {arch} on the meta device failed: {type(exc).__name__}: {exc}"
-    finally:
-        transformers.logging.set_verbosity(previous)
     types: Kinds = {}
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.Embedding):

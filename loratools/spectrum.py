@@ -35,7 +35,7 @@ from loratools.deltas import LayerDelta, TensorChange, layer_deltas, tensor_chan
 from loratools.dtypes import dtype_name
 from loratools.errors import LoratoolsError
 from loratools.linalg import pooled_rel_error, residual_energy
-from loratools.options import Selection, SvdSettings
+from loratools.options import Selection, SvdSettings, check_policy_value
 from loratools.plan import Pairing, plan_extract
 from loratools.progress import Progress
 from loratools.rsvd import compute_dtype, randomized_svd, svd_device
@@ -212,12 +212,10 @@ def _bound(max_error: float | None, energy: float | None) -> tuple[float | None,
     if max_error is not None and energy is not None:
         raise LoratoolsError("give one of --max-error and --energy, not both")
     if max_error is not None:
-        if not 0 <= max_error < 1:
-            raise LoratoolsError(f"--max-error {max_error} is out of range; it must be a fraction in [0, 1)")
+        check_policy_value("max_error", max_error)
         return max_error, ("max_error", max_error)
     if energy is not None:
-        if not 0 < energy <= 1:
-            raise LoratoolsError(f"--energy {energy} is out of range; it must be a fraction in (0, 1]")
+        check_policy_value("energy", energy)
         return math.sqrt(1 - energy), ("energy", energy)
     return None, None
 

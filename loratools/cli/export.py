@@ -8,15 +8,17 @@ import click
 from loratools.cli.app import cli
 from loratools.cli.options import Command, Output, output_options, run
 from loratools.cli.render_export import show_adapter_export, show_export, show_onnx_merge
+from loratools.options import DEFAULT_ATOL, EXPORT_DTYPES
 
-EXPORT_DTYPES = click.Choice(["fp32", "fp16"])  # `export.kit.EXPORT_DTYPES`; a test holds the two equal
+DTYPE_CHOICE = click.Choice(EXPORT_DTYPES)
+ATOL_DEFAULTS = ", ".join(f"{precision} {atol:g}" for precision, atol in DEFAULT_ATOL.items())
 
 
 def verify_options(func: Command) -> Command:
     """--no-verify, --atol and --keep-on-fail (the fields of `export.VerifyOptions`)."""
     func = click.option("--keep-on-fail", is_flag=True, help="Keep the files when verification fails (still exits 2).")(func)
-    func = click.option("--atol", type=float, help="Verification tolerance (default fp32 1e-4, fp16 2e-2, int8 0.25;"
-                        " scaled by max(1, max |output|)).")(func)
+    func = click.option("--atol", type=float, help=f"Verification tolerance (default {ATOL_DEFAULTS}; scaled by"
+                        " max(1, max |output|)).")(func)
     return click.option("--no-verify", "no_verify", is_flag=True, help="Skip the onnxruntime vs PyTorch check.")(func)
 
 
@@ -27,7 +29,7 @@ def verify_options(func: Command) -> Command:
               help="Adapter to merge first (PEFT or kohya); repeat for several.")
 @click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight per --adapter, in order (default 1).")
 @click.option("--with-past", is_flag=True, help="Causal LMs: KV-cache inputs past_key_values.* and outputs present.*.")
-@click.option("--dtype", type=EXPORT_DTYPES, default="fp32", show_default=True,
+@click.option("--dtype", type=DTYPE_CHOICE, default="fp32", show_default=True,
               help="Graph precision (bf16 checkpoints are upcast; inputs and outputs stay fp32).")
 @click.option("--quantize", type=click.Choice(["int8"]), help="onnxruntime dynamic quantization (int8 weights).")
 @click.option("--external-data", is_flag=True, help="Tensors in OUT.data beside the graph (automatic above 2 GB).")
@@ -78,7 +80,7 @@ def export_onnx_command(model: str, out: str, adapters: tuple[str, ...], weights
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="The merged graph file.")
 @click.option("--external-data", is_flag=True, help="Tensors in OUT.data beside the graph (automatic above 2 GB).")
 @click.option("--no-verify", "no_verify", is_flag=True, help="Skip the onnxruntime vs PyTorch check.")
-@click.option("--atol", type=float, help="Verification tolerance (default fp32 1e-4, fp16 2e-2; scaled by"
+@click.option("--atol", type=float, help=f"Verification tolerance (default {ATOL_DEFAULTS}; scaled by"
               " max(1, max |output|)).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (never an input).")
 @output_options
@@ -109,10 +111,10 @@ def merge_onnx_command(onnx_model: str, base: str, adapters: tuple[str, ...], we
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
               help="The onnxruntime adapter file, e.g. name.onnx_adapter.")
 @click.option("-w", "--weight", type=float, default=1.0, show_default=True, help="Multiplies the adapter's delta.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), help="Must be the graph's slot dtype (the default).")
+@click.option("--dtype", type=DTYPE_CHOICE, help="Must be the graph's slot dtype (the default).")
 @click.option("--verify", "verify_model", type=click.Path(exists=True, file_okay=False), metavar="MODEL",
               help="Run the graph with the adapter active against MODEL + adapter merged in PyTorch.")
-@click.option("--atol", type=float, help="Verification tolerance (default fp32 1e-4, fp16 2e-2).")
+@click.option("--atol", type=float, help=f"Verification tolerance (default {ATOL_DEFAULTS}).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (never an input).")
 @output_options
 def export_adapter_command(adapter: str, onnx_model: str, out: str, weight: float, dtype: str | None,
