@@ -18,8 +18,7 @@ from loratools.errors import LoratoolsError
 from loratools.merging import merge
 from loratools.options import RankPolicy
 from loratools.writer import PROVENANCE_KEYS
-from tests.conftest import LLAMA_BASE, LLAMA_PEFT, LLAMA_TUNED, SD_BASE, SD_KOHYA, SD_TUNED
-from tests.helpers import run_cli
+from tests.helpers import LLAMA_BASE, LLAMA_PEFT, LLAMA_TUNED, SD_BASE, SD_KOHYA, SD_TUNED, run_cli
 
 PUBLIC_FUNCTIONS = sorted(n for n in loratools.__all__ if inspect.isfunction(getattr(loratools, n)))
 MAX_PARAMETERS = 12  # more travel together: group them in an option dataclass

@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import LLAMA_BASE
-from tests.helpers import llama_from, run_cli, save_tiny_gpt2, save_tiny_llama
+from tests.helpers import LLAMA_BASE, llama_from, run_cli, save_tiny_gpt2, save_tiny_llama
 from tests.onnx_helpers import (
     assert_one_line_error,
     causal_feeds,

@@ -18,15 +18,21 @@ from loratools.errors import LoratoolsError
 from loratools.extraction import extract
 from loratools.options import RankPolicy, Selection, SvdSettings
 from loratools.rsvd import MAX_POWER_ITERS
-from tests.conftest import (
+from tests.helpers import (
     LLAMA_BASE,
     LLAMA_BASE_BF16,
     LLAMA_TUNED,
     LLAMA_TUNED_BF16,
     SD_BASE,
     SD_TUNED,
+    llama_from,
+    logits,
+    make_gpt2_pair,
+    peft_logits,
+    rel,
+    run_cli,
+    write_checkpoint_pair,
 )
-from tests.helpers import llama_from, logits, make_gpt2_pair, peft_logits, rel, run_cli, write_checkpoint_pair
 
 
 def rank_r_pair(folder: Path, rank: int = 3) -> tuple[Path, Path, dict[str, torch.Tensor]]:

@@ -18,8 +18,17 @@ from loratools.errors import ShapeError
 from loratools.extraction import extract
 from loratools.merging import merge
 from loratools.options import RankPolicy
-from tests.conftest import LLAMA_BASE, LLAMA_BASE_BF16, LLAMA_PEFT, LLAMA_TUNED, SD_BASE, SD_KOHYA, SD_TUNED
-from tests.helpers import llama_from, run_cli
+from tests.helpers import (
+    LLAMA_BASE,
+    LLAMA_BASE_BF16,
+    LLAMA_PEFT,
+    LLAMA_TUNED,
+    SD_BASE,
+    SD_KOHYA,
+    SD_TUNED,
+    llama_from,
+    run_cli,
+)
 
 
 def read_model(path) -> dict[str, torch.Tensor]:
