@@ -31,7 +31,7 @@ import torch
 import loratools.export.trace as trace
 from loratools.adapter_files import load_usable
 from loratools.errors import ExportError, LoratoolsError, ShapeError
-from loratools.export.kit import ExportCheck, Steps, result_json, verify_graph
+from loratools.export.kit import ExportCheck, Steps, require_extras, result_json, verify_graph
 from loratools.export.model import load_merged_model
 from loratools.export.slots import (
     A_SUFFIX,
@@ -159,6 +159,7 @@ def export_adapter(
     Example:
         >>> export_adapter("fixtures/llama-lora-peft", "out/a.onnx_adapter", onnx="out/base.onnx").ranks
     """
+    require_extras("export-adapter", needs=["onnx_ir"])
     from loratools.export.slot_runtime import write_adapter
 
     onnx, out = Path(onnx), Path(out)

@@ -34,7 +34,8 @@ from loratools.writer import output_path, remove_stale_temporaries, write_error
 
 VERIFY_SHAPE = (3, 7, 6)  # batch, sequence, past: not TRACE_SHAPE, so dynamic axes are exercised
 GENERATE_PROMPT, GENERATE_STEPS = 5, 8
-EXTRA_DEPENDENCIES = ("transformers", "onnxscript")
+# the `export` extra: transformers builds the model, onnxscript traces it, onnx_ir (onnxscript's) edits graphs
+EXTRA_DEPENDENCIES = ("transformers", "onnxscript", "onnx_ir")
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,9 @@ class ExportCheck:
         return f"greedy generation differs from transformers after {g.get('matched')} of {g.get('steps')} tokens"
 
 
-def require_extras(command: str = "export-onnx") -> None:
-    """ExportError with the install line when transformers or onnxscript (the ``export`` extra) is missing."""
-    missing = [name for name in EXTRA_DEPENDENCIES if importlib.util.find_spec(name) is None]
+def require_extras(command: str = "export-onnx", needs: Sequence[str] = EXTRA_DEPENDENCIES) -> None:
+    """ExportError with the install line when a package of the ``export`` extra that `command` `needs` is missing."""
+    missing = [name for name in needs if importlib.util.find_spec(name) is None]
     if missing:
         raise ExportError(f"{command} needs {' and '.join(missing)}: pip install 'loratools[export]'")
 

@@ -40,7 +40,15 @@ import loratools.export.trace as trace
 from loratools.algebra import adapter_weights
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import ExportError, OutputError
-from loratools.export.kit import ExportCheck, Steps, VerifyOptions, result_json, staged_graph, verify_graph
+from loratools.export.kit import (
+    ExportCheck,
+    Steps,
+    VerifyOptions,
+    require_extras,
+    result_json,
+    staged_graph,
+    verify_graph,
+)
 from loratools.export.model import load_merged_model
 from loratools.merging import apply_ops, plan_merge
 from loratools.names import short_list
@@ -217,6 +225,7 @@ def merge_onnx(
     Example:
         >>> merge_onnx("optimum/model.onnx", "merged.onnx", base="base/", adapters=["lora/"]).by_value
     """
+    require_extras("merge-onnx", needs=["onnx_ir"])
     import loratools.export.runtime as runtime
 
     out = Path(out)
