@@ -78,8 +78,6 @@ def _export_bundle(model: str, out: str, adapters: tuple[str, ...], weights: tup
 
 def show_bundle(result: BundleResult, quiet: bool) -> None:
     """``export-onnx --genai``: the folder's files, the config's essentials, the adapters and both checks."""
-    from loratools.cli.render_export import show_export
-
     console = stdout_console()
     model = result.config["model"]
     eos = model.get("eos_token_id")
@@ -91,8 +89,16 @@ def show_bundle(result: BundleResult, quiet: bool) -> None:
     for name, adapter in result.adapters.items():
         console.print(f"  adapter {name}: {adapter.filled} of {len(adapter.ranks)} slot(s) filled, from {adapter.adapter}")
     console.print("  timings: " + ", ".join(f"{step} {seconds:.1f}s" for step, seconds in result.timings.items()))
-    if not quiet:
-        show_export(result.graph, quiet=True)
+    graph = result.graph
+    merged = f", {graph.merged_tensors} tensor(s) merged from {len(graph.adapters)} adapter(s)" if graph.adapters else ""
+    slots = f", {len(graph.slots)} LoRA slot(s)" if graph.slots else ""
+    console.print(f"  graph: {graph.precision}, opset {graph.opset}{merged}{slots}")
+    if graph.verification is not None:
+        worst = max(graph.verification.outputs, key=lambda m: m.max_abs_diff / max(m.tolerance, 1e-300))
+        generation = graph.verification.generation or {}
+        console.print(f"verified in onnxruntime: {'passed' if graph.verification.passed else 'FAILED'}; worst output"
+                      f" {worst.name} max abs diff {worst.max_abs_diff:.2e} (tolerance {worst.tolerance:.1e});"
+                      f" greedy {generation.get('matched')}/{generation.get('steps')} tokens equal")
     check = result.verification
     if check is None:
         if not result.notes:

@@ -306,6 +306,7 @@ def export_genai(
     steps = Steps(["graph"] + (["adapters"] if bundle.serve else []) + ["config"]
                   + (["verify"] if verify_genai else []), progress)
     notes: list[str] = []
+    strict = options.precision == "fp32"
     served: dict[str, AdapterExportResult] = {}
     check: BundleCheck | None = None
     with atomic_output(out, sources, force, folder=True) as tmp:
@@ -330,7 +331,6 @@ def export_genai(
             with steps("verify"):
                 check = verify_bundle(tmp, model_dir, adapters=adapters, weights=weights, bundle=bundle,
                                       eos=eos_ids(written["model"]), has_chat=_has_chat_template(tokenizer))
-            strict = options.precision == "fp32"
             if not check.passed and strict and not checks.keep_on_fail:
                 raise ExportError(f"{out}: verification failed: {check.failure()}; nothing was written"
                                   " (--keep-on-fail keeps the folder)")
@@ -340,10 +340,14 @@ def export_genai(
         notes.append(f"onnxruntime-genai is not installed: the bundle was checked with onnxruntime only;"
                      f" {INSTALL_HINT} adds the generation check")
     if check is not None and check.tokenizer_agrees is False:
-        notes.append("the bundle's tokenizer encodes the check's prompt differently from transformers' tokenizer")
-    result = BundleResult(out, kind, files_written, written, [f.name for f in tokenizer], served, graph, check,
-                          steps.timings, notes)
-    if check is not None and not check.passed and options.precision == "fp32":
+        notes.append("the bundle's tokenizer encodes the check's prompt differently from the tokenizers library")
+    if check is not None and not check.passed and not strict:
+        notes.append(f"{options.precision}: {check.failure()} (near-ties may flip below fp32)")
+    placed = {name: dataclasses.replace(a, out=out / ADAPTERS / f"{name}{ADAPTER_SUFFIX}", onnx=out / GRAPH)
+              for name, a in served.items()}  # the paths the files have now, not the staging folder's
+    result = BundleResult(out, kind, files_written, written, [f.name for f in tokenizer], placed,
+                          dataclasses.replace(graph, out=out / GRAPH), check, steps.timings, notes)
+    if check is not None and not check.passed and strict:
         raise ExportError(f"{out}: verification failed: {check.failure()}; the folder was kept (--keep-on-fail)")
     return result
 
