@@ -138,6 +138,8 @@ def test_unknown_architecture_and_no_causal_lm(tmp_path):
     assert "FalconMambaForCausalLM" in refused(unknown, "-o", tmp_path / "bundle")
     encoder = fake_model(tmp_path / "e", config={**LLAMA, "architectures": ["BertModel"]})
     assert "not a causal LM" in refused(encoder, "-o", tmp_path / "bundle")
+    sizeless = fake_model(tmp_path / "s", config={k: v for k, v in LLAMA.items() if k != "vocab_size"})
+    assert "vocab_size" in refused(sizeless, "-o", tmp_path / "bundle")  # before the export, which would need weights
     assert not (tmp_path / "bundle").exists()
 
 

@@ -35,7 +35,7 @@ from typing import Any
 from loratools.algebra import adapter_weights
 from loratools.errors import CheckpointError, ExportError, LoratoolsError
 from loratools.export.adapter_export import AdapterExportResult, export_adapter
-from loratools.export.genai_config import eos_ids, genai_config, model_type
+from loratools.export.genai_config import eos_ids, genai_config, model_sizes, model_type
 from loratools.export.kit import Steps, VerifyOptions, require_extras
 from loratools.export.model import read_config
 from loratools.export.onnx_export import ExportOptions, ExportResult, export_onnx
@@ -295,6 +295,7 @@ def export_genai(
     check_output(out, sources, force)
     config = read_config(model)
     kind = model_type(config, label=str(model_dir / "config.json"))
+    model_sizes(config, label=str(model_dir / "config.json"))  # refused now, not after the export
     tokenizer = tokenizer_files(model_dir, bundle)
     for adapter in bundle.serve:
         if not Path(adapter.path).exists():

@@ -47,6 +47,7 @@ SIZE_KEYS: dict[str, tuple[str, ...]] = {  # genai field → config.json spellin
     "context_length": ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"),
 }
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}  # transformers'
+DECODER_SIZES = ("head_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
 DECODER_INPUTS = ("input_ids", "attention_mask", "position_ids")
 PAST, PRESENT = ("past_key_values.%d.key", "past_key_values.%d.value"), ("present.%d.key", "present.%d.value")
 
@@ -76,6 +77,22 @@ def _integer(config: dict, genai_key: str, *, label: str) -> int:
             raise CheckpointError(f"{label}: {key} is {value!r}; expected a positive integer")
         return value
     raise CheckpointError(f"{label}: no {' / '.join(SIZE_KEYS[genai_key])}; onnxruntime-genai needs the {genai_key}")
+
+
+def model_sizes(config: dict, *, label: str) -> dict[str, int]:
+    """The sizes onnxruntime-genai needs (DECODER_SIZES, vocab_size, context_length) from a config.json;
+    CheckpointError naming the key that is missing or not a positive integer."""
+    sizes = {key: _integer(config, key, label=label) for key in SIZE_KEYS}
+    heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_size = config.get("head_dim") or (hidden // heads if hidden % heads == 0 else None)
+    if head_size is None:
+        raise CheckpointError(f"{label}: hidden_size {hidden} is not a multiple of {heads} heads and no head_dim"
+                              " is given")
+    for key, value in (("num_key_value_heads", kv_heads), ("head_dim", head_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise CheckpointError(f"{label}: {key} is {value!r}; expected a positive integer")
+    return {**sizes, "head_size": head_size, "num_key_value_heads": kv_heads}
 
 
 def token_ids(config: dict, generation: dict) -> dict[str, int | list[int]]:
@@ -164,13 +181,7 @@ def genai_config(config: dict, generation: dict | None, *, inputs: Sequence[str]
     """
     generation = generation or {}
     kind = model_type(config, label=label)
-    sizes = {key: _integer(config, key, label=label) for key in SIZE_KEYS}
-    heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
-    kv_heads = config.get("num_key_value_heads") or heads
-    head_size = config.get("head_dim") or (hidden // heads if hidden % heads == 0 else None)
-    if not isinstance(head_size, int) or not isinstance(kv_heads, int):
-        raise CheckpointError(f"{label}: hidden_size {hidden} is not a multiple of {heads} heads and no head_dim"
-                              " is given")
+    sizes = model_sizes(config, label=label)
     names_in, names_out = decoder_io(inputs, outputs, layers=sizes["num_hidden_layers"], label=label)
     model: dict = {
         "type": kind,
@@ -180,11 +191,7 @@ def genai_config(config: dict, generation: dict | None, *, inputs: Sequence[str]
         "decoder": {
             "filename": filename,
             "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-            "head_size": head_size,
-            "hidden_size": hidden,
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads,
-            "num_hidden_layers": sizes["num_hidden_layers"],
+            **{key: sizes[key] for key in DECODER_SIZES},
             "inputs": names_in,
             "outputs": names_out,
         },
