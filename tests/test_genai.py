@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.helpers import run_cli, save_tiny_gpt2
-from tests.onnx_helpers import peft_adapter, peft_merged
+from tests.onnx_helpers import export, peft_adapter, peft_merged
 
 og = pytest.importorskip("onnxruntime_genai")
 transformers = pytest.importorskip("transformers")
@@ -74,11 +74,6 @@ def og_greedy(model, prompt: list[int], steps: int, adapters=None, name: str | N
     return [int(t) for t in generator.get_sequence(0)[len(prompt):]]
 
 
-def export_bundle(*args, expect: int = 0):
-    result = run_cli("export-onnx", *args, "--genai", "--json", "-q", expect=expect)
-    return json.loads(result.stdout) if expect == 0 else result
-
-
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> dict:
     """A GQA Llama with a sampling generation config and two eos ids, its bundle, and the export's JSON."""
@@ -93,7 +88,7 @@ def llama(tmp_path_factory) -> dict:
                                                             eos_token_id=[2, 0], bos_token_id=1, pad_token_id=0)
     model.save_pretrained(str(source))
     save_tokenizer(source, "LlamaTokenizerFast")
-    result = export_bundle(source, "-o", root / "bundle", "--verify-tokens", "12")
+    result = export("--genai", source, "-o", root / "bundle", "--verify-tokens", "12")
     return {"source": source, "bundle": root / "bundle", "result": result}
 
 
@@ -111,7 +106,7 @@ def qwen(tmp_path_factory) -> dict:
     load = lambda: transformers.Qwen2ForCausalLM.from_pretrained(str(source)).eval()  # noqa: E731
     peft_adapter(load(), root / "chat", ["q_proj", "v_proj"], seed=2)
     peft_adapter(load(), root / "code", ["q_proj", "o_proj"], seed=3, r=6)
-    result = export_bundle(source, "--lora-slots", "q_proj,v_proj,o_proj", "--serve", root / "chat",
+    result = export("--genai", source, "--lora-slots", "q_proj,v_proj,o_proj", "--serve", root / "chat",
                            "--serve", f"style={root / 'code'}", "-o", root / "bundle")
     return {"source": source, "bundle": root / "bundle", "result": result, "load": load,
             "adapters": {"chat": root / "chat", "style": root / "code"}}
@@ -231,7 +226,7 @@ def test_gpt2_without_tokenizer_checked_by_onnxruntime_when_genai_is_missing(tmp
 
     load = save_tiny_gpt2(tmp_path / "gpt2")
     monkeypatch.setattr(genai_bundle, "genai_installed", lambda: False)
-    result = export_bundle(tmp_path / "gpt2", "--no-tokenizer", "-o", tmp_path / "bundle")
+    result = export("--genai", tmp_path / "gpt2", "--no-tokenizer", "-o", tmp_path / "bundle")
     assert result["verification"] is None and result["graph"]["verification"]["passed"]
     assert len(result["notes"]) == 1 and "pip install 'loratools[genai]'" in result["notes"][0]
     assert sorted(result["files"]) == ["genai_config.json", "model.onnx"]

@@ -13,6 +13,7 @@ from loratools.errors import CheckpointError, ExportError, LoratoolsError
 from loratools.export.genai_bundle import BundleOptions, ServedAdapter
 from loratools.export.genai_config import MODEL_TYPES, genai_config, model_type, search_defaults, token_ids
 from tests.helpers import run_cli
+from tests.onnx_helpers import assert_one_line_error
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
          "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 128, "head_dim": 16,
@@ -117,10 +118,8 @@ def fake_model(folder: Path, *, config: dict = LLAMA, tokenizer: bool = True) ->
 
 def refused(*args: str | Path) -> str:
     result = run_cli("export-onnx", *args, "--genai", expect=2)
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.output
-    assert "Traceback" not in result.output
-    return lines[0]
+    assert_one_line_error(result)
+    return result.output
 
 
 def test_no_tokenizer_names_the_fix(tmp_path):

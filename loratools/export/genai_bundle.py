@@ -33,10 +33,11 @@ from pathlib import Path
 from typing import Any
 
 from loratools.algebra import adapter_weights
+from loratools.checkpoint import read_model_config
 from loratools.errors import CheckpointError, ExportError, LoratoolsError
 from loratools.export.adapter_export import AdapterExportResult, export_adapter
 from loratools.export.genai_config import eos_ids, genai_config, model_sizes, model_type
-from loratools.export.kit import Steps, VerifyOptions, require_extras
+from loratools.export.kit import Steps, VerifyOptions, require_extras, result_json
 from loratools.export.model import read_config
 from loratools.export.onnx_export import ExportOptions, ExportResult, export_onnx
 from loratools.export.slots import A_SUFFIX, B_SUFFIX, METADATA_KEY
@@ -116,7 +117,7 @@ class GenerationCheck:
     passed: bool
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        return result_json(self)
 
 
 @dataclass
@@ -148,8 +149,7 @@ class BundleCheck:
                 f" {run.transformers[: run.matched + 1]} (first {run.matched} tokens equal)")
 
     def to_json(self) -> dict:
-        data = {k: v for k, v in self.__dict__.items() if k != "runs"}
-        return {**data, "passed": self.passed, "runs": [r.to_json() for r in self.runs]}
+        return result_json(self, passed=self.passed)
 
 
 @dataclass
@@ -178,27 +178,12 @@ class BundleResult:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {
-            "out": str(self.out), "model_type": self.model_type, "files": self.files, "config": self.config,
-            "tokenizer": self.tokenizer, "adapters": {n: a.to_json() for n, a in self.adapters.items()},
-            "graph": self.graph.to_json(), "timings": self.timings,
-            "verification": self.verification.to_json() if self.verification else None, "notes": self.notes,
-        }
+        return result_json(self)
 
 
 def genai_installed() -> bool:
     """Whether onnxruntime-genai can be imported (without importing it)."""
     return importlib.util.find_spec("onnxruntime_genai") is not None
-
-
-def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not readable JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
 
 
 def tokenizer_files(model: Path, options: BundleOptions) -> list[Path]:
@@ -213,7 +198,7 @@ def tokenizer_files(model: Path, options: BundleOptions) -> list[Path]:
         raise CheckpointError(f"{source}: no tokenizer.json (or tokenizer.model) in the {where}; pass --tokenizer"
                               " PATH (a folder with the tokenizer files), or --no-tokenizer to bundle the graph alone")
     if (source / "tokenizer.json").is_file():
-        kind = _json(source / "tokenizer.json").get("model", {}).get("type")
+        kind = read_model_config(source / "tokenizer.json").get("model", {}).get("type")
         if kind == "WordPiece":
             raise CheckpointError(f"{source / 'tokenizer.json'}: a WordPiece tokenizer; onnxruntime-genai takes BPE and"
                                   " SentencePiece (Unigram) tokenizers only; pass --tokenizer PATH with one of those")
@@ -248,7 +233,7 @@ def _has_chat_template(files: Sequence[Path]) -> bool:
     for f in files:
         if f.name.startswith("chat_template"):
             return True
-        if f.name == "tokenizer_config.json" and _json(f).get("chat_template"):
+        if f.name == "tokenizer_config.json" and read_model_config(f).get("chat_template"):
             return True
     return False
 
@@ -302,7 +287,7 @@ def export_genai(
             raise CheckpointError(f"{adapter.path}: no such adapter (--serve {adapter.name}={adapter.path})")
     require_extras("export-onnx --genai")
     generation_path = model_dir / "generation_config.json"
-    generation = _json(generation_path) if generation_path.is_file() else {}
+    generation = read_model_config(generation_path) if generation_path.is_file() else {}
     verify_genai = checks.verify and genai_installed()
     steps = Steps(["graph"] + (["adapters"] if bundle.serve else []) + ["config"]
                   + (["verify"] if verify_genai else []), progress)
@@ -386,7 +371,8 @@ def _transformers_greedy(model: Path, adapters: Sequence[str | os.PathLike], wei
                          prompt: list[int], *, steps: int, eos: list[int]) -> list[int]:
     import torch
 
-    from loratools.export.model import load_merged_model, quiet_transformers
+    from loratools.export.model import load_merged_model
+    from loratools.silence import quiet_transformers
 
     merged: Any = load_merged_model(model, adapters=adapters, weights=weights).model
     ids = torch.tensor([prompt], dtype=torch.long)

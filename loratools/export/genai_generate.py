@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loratools.errors import CheckpointError, ExportError, LoratoolsError
+from loratools.export.kit import result_json
 
 CONFIG, ADAPTERS, ADAPTER_SUFFIX = "genai_config.json", "adapters", ".onnx_adapter"
 INSTALL_HINT = "pip install 'loratools[genai]'"
@@ -101,8 +102,7 @@ class GenerateResult:
         return round((len(self.tokens) - 1) / self.decode_s, 2) if len(self.tokens) > 1 and self.decode_s else 0.0
 
     def to_json(self) -> dict:
-        data = {k: v for k, v in self.__dict__.items()}
-        return {**data, "bundle": str(self.bundle), "tokens_per_s": self.tokens_per_s}
+        return result_json(self, tokens_per_s=self.tokens_per_s)
 
 
 def _bundle_config(folder: Path) -> dict:
