@@ -54,11 +54,12 @@ def genai_options(func: Command) -> Command:
     return wrapper
 
 
-def _export_bundle(model: str, out: str, adapters: tuple[str, ...], weights: tuple[float, ...], with_past: bool,
-                   dtype: str, quantize: str | None, external_data: bool, no_verify: bool, atol: float | None,
-                   keep_on_fail: bool, force: bool, lora_slots: str | None, output: Output, tokenizer: str | None,
-                   no_tokenizer: bool, serve: tuple[str, ...], verify_tokens: int | None,
-                   verify_prompt: str | None) -> None:
+def _export_bundle(model: str, out: str, adapters: tuple[str, ...], weights: tuple[float, ...], no_verify: bool,
+                   atol: float | None, keep_on_fail: bool, force: bool, output: Output, tokenizer: str | None,
+                   no_tokenizer: bool, serve: tuple[str, ...], verify_tokens: int | None, verify_prompt: str | None,
+                   **graph: Any) -> None:
+    """export-onnx's other options (--dtype, --quantize, --lora-slots …) are the fields of `ExportOptions` by name;
+    --with-past is implied."""
     from loratools.cli.options import run
     from loratools.export import ExportOptions, VerifyOptions
     from loratools.export.genai_bundle import BundleOptions, ServedAdapter, export_genai
@@ -69,8 +70,7 @@ def _export_bundle(model: str, out: str, adapters: tuple[str, ...], weights: tup
                            prompt=verify_prompt or BundleOptions.prompt)
     run(output, "export-onnx --genai", lambda progress: export_genai(
         model, out, adapters=adapters, weights=weights or None,
-        options=ExportOptions(with_past=True, dtype=dtype, quantize=quantize, external_data=external_data,
-                              lora_slots=lora_slots),
+        options=ExportOptions(**{**graph, "with_past": True}),
         bundle=bundle, checks=VerifyOptions(verify=not no_verify, atol=atol, keep_on_fail=keep_on_fail),
         force=force, progress=progress,
     ), show_bundle)
