@@ -38,6 +38,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("export.runtime", "export.slot_runtime", "export.onnx_weights"),
     "onnx_ir": ("export.runtime", "export.slot_runtime"),
     "onnxscript": (),
+    "onnxruntime_genai": ("export.genai_runtime",),
     "transformers": ("export.model", "export.trace", "plan", "silence"),
     "matplotlib": ("plot",),
     "click": ("cli.*",),

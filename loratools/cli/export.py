@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from loratools.cli.app import cli
+from loratools.cli.genai import genai_options
 from loratools.cli.options import Command, Output, output_options, run
 from loratools.cli.render_export import show_adapter_export, show_export, show_onnx_merge
 from loratools.options import DEFAULT_ATOL, EXPORT_DTYPES
@@ -24,7 +25,8 @@ def verify_options(func: Command) -> Command:
 
 @cli.command("export-onnx")
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Graph file, e.g. model.onnx.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
+              help="Graph file, e.g. model.onnx (with --genai: the bundle folder).")
 @click.option("-a", "--adapter", "adapters", multiple=True, type=click.Path(exists=True),
               help="Adapter to merge first (PEFT or kohya); repeat for several.")
 @click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight per --adapter, in order (default 1).")
@@ -39,6 +41,7 @@ def verify_options(func: Command) -> Command:
               help="onnxruntime multi-LoRA: add a LoRA slot (inputs <module>.lora_A/B.weight, dynamic rank, empty by"
                    " default) on the modules of an adapter, or on comma-separated module names / globs.")
 @output_options
+@genai_options
 def export_onnx_command(model: str, out: str, adapters: tuple[str, ...], weights: tuple[float, ...], with_past: bool,
                         dtype: str, quantize: str | None, external_data: bool, no_verify: bool, atol: float | None,
                         keep_on_fail: bool, force: bool, lora_slots: str | None, output: Output) -> None:
@@ -58,6 +61,8 @@ def export_onnx_command(model: str, out: str, adapters: tuple[str, ...], weights
       loratools export-onnx fixtures/llama-base -a fixtures/llama-lora-peft -o out/merged.onnx --quantize int8
       loratools export-onnx base -a style.safetensors -w 0.7 -a subject -o out/model.onnx --external-data
       loratools export-onnx fixtures/llama-base --lora-slots q_proj,v_proj -o out/base.onnx --with-past
+      loratools export-onnx my-llama -a my-lora --genai -o out/bundle        (then: loratools generate out/bundle)
+      loratools export-onnx my-llama --genai --lora-slots q_proj,v_proj --serve chat=lora1 --serve lora2 -o out/b
     """
     from loratools.export import ExportOptions, VerifyOptions, export_onnx
 
