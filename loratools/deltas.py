@@ -46,11 +46,13 @@ def layer_delta(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
     workspace: torch.Tensor | None = None,
+    base_tensor: torch.Tensor | None = None,
 ) -> LayerDelta:
     """One pair's ΔW = tuned − base as its LoRA matrix, formed in `dtype` whatever the stored dtypes.
 
     Memory: one (rows, cols) matrix, new or a view of `workspace` (1-D, in `dtype` on `device`, at least
-    rows·cols long); the stored tensors are memory-mapped pages, never written. Reusing a workspace saves
+    rows·cols long); the stored tensors are memory-mapped pages, never written. `base_tensor`: the base's
+    tensor already read (a fleet reads it once for every fine-tune), else it is read here. Reusing a workspace saves
     most of the time: a fresh matrix of this size is zero-filled page by page by the OS, which costs several
     times the copy itself.
 
@@ -62,7 +64,7 @@ def layer_delta(
         delta = stored_tuned.to(device=device, dtype=dtype, copy=True)
     else:
         delta = workspace[: stored_tuned.numel()].view(stored_tuned.shape).copy_(stored_tuned)
-    stored = base.get(pair.tensor).to(device=device)
+    stored = (base.get(pair.tensor) if base_tensor is None else base_tensor).to(device=device)
     for part, subtrahend in zip(delta.view(-1).split(SUB_CHUNK), stored.view(-1).split(SUB_CHUNK), strict=True):
         part.sub_(subtrahend)  # in blocks: a mixed-dtype sub_ makes a converted copy of its whole operand
     matrix = lora_matrix(delta, pair.kind)
@@ -141,7 +143,11 @@ class TensorChange:
 def tensor_change(base: TensorIndex, tuned: TensorIndex, name: str) -> TensorChange | None:
     """Compare one tensor of both checkpoints; None when the values are equal (across dtypes: an fp32 base
     equals a bf16 tuned tensor holding the same values)."""
-    b, t = base.get(name), tuned.get(name)
+    return tensor_change_of(name, base.get(name), tuned.get(name))
+
+
+def tensor_change_of(name: str, b: torch.Tensor, t: torch.Tensor) -> TensorChange | None:
+    """`tensor_change` of two tensors already read (base `b`, tuned `t`, same shape)."""
     if torch.equal(b, t):
         return None
     diff = t.double() - b.double()

@@ -40,10 +40,11 @@ import torch
 from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_files import check_format, save_adapter
 from loratools.checkpoint import TensorIndex, open_checkpoint
-from loratools.deltas import TensorChange, layer_deltas, tensor_change
+from loratools.deltas import LayerDelta, TensorChange, layer_deltas, tensor_change_of
 from loratools.dtypes import OUTPUT_DTYPES, DType, dtype_name, resolve_dtype
 from loratools.errors import FormatError, LoratoolsError
 from loratools.formats import ORIGINAL_NAMESPACES, default_format, pipeline_names
+from loratools.hub import resolve_checkpoint
 from loratools.linalg import pooled_rel_error
 from loratools.names import matches, natural_key, short_list
 from loratools.options import RankPolicy, Selection, SvdSettings
@@ -161,6 +162,206 @@ class ExtractResult:
         }
 
 
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Everything that shapes an extracted adapter apart from the files; one value for `extract` and fleet runs.
+
+    Attributes:
+        policy: rank policy for every layer (``policy.conv_rank``: a fixed rank for conv2d layers).
+        selection: which tensors; embeddings as LoRA, whole or skipped; --save-full patterns (`Selection`).
+        svd: how each ΔW is factored (randomized or exact, seed, precision, device; `SvdSettings`).
+        format: ``peft``, ``kohya`` or ``diffusers``; None: from the base checkpoint (`default_format`).
+        dtype: the written factors' dtype (``fp32``, ``fp16``, ``bf16`` or a torch dtype); None: the tuned weights'.
+    """
+
+    policy: RankPolicy = RankPolicy()
+    selection: Selection = Selection()
+    svd: SvdSettings = SvdSettings()
+    format: str | None = None
+    dtype: DType | None = None
+
+    def __post_init__(self) -> None:
+        if self.format is not None:
+            check_format(self.format)
+        resolve_dtype(self.dtype)
+
+    def provenance_parameters(self) -> dict[str, str]:
+        """The settings an adapter records in its provenance (`writer.provenance`): rank policy and SVD."""
+        return {"rank_policy": self.policy.describe(), "algorithm": describe_svd(self.svd)}
+
+
+@dataclass
+class LayerOutcome:
+    """One factored layer: its report row and factors B (rows, r), A (r, cols) in float32 on the CPU.
+
+    `layer` is None when ΔW is zero; `factors` is None when the layer is unchanged or its rank is 0.
+    """
+
+    tensor: str
+    layer: ExtractedLayer | None
+    factors: tuple[torch.Tensor, torch.Tensor] | None
+
+
+@dataclass
+class WholeOutcome:
+    """One whole tensor compared: its change (None when equal) and, when it is to be saved, the tuned tensor."""
+
+    tensor: str
+    change: TensorChange | None
+    saved: torch.Tensor | None
+
+
+Outcome = LayerOutcome | WholeOutcome
+
+
+def factor_layer(pair: LayerPair, delta: LayerDelta, settings: ExtractSettings, *,
+                 since: float | None = None) -> LayerOutcome:
+    """Factor one layer's ΔW (rows, cols) at the rank its policy picks; the factors depend on nothing else.
+
+    `since`: when this layer's work began (reading it), for its ``seconds``; default now.
+    """
+    tick = time.perf_counter() if since is None else since
+    if delta.energy == 0:
+        return LayerOutcome(pair.tensor, None, None)
+    svd = settings.svd.for_layer(pair.module)
+    lr = low_rank(delta.matrix, settings.policy.for_kind(pair.kind), settings=svd, total_energy=delta.energy)
+    factors = None
+    if lr.rank:
+        left, right = lr.factors()
+        factors = (left.to("cpu", torch.float32), right.to("cpu", torch.float32))
+    layer = ExtractedLayer(
+        pair.module, pair.tensor, pair.shape, pair.kind, lr.rank, lr.rel_error, lr.energy,
+        float(lr.S[0]), float(lr.S[lr.rank - 1]) if lr.rank else 0.0, lr.total_energy**0.5, lr.clamped,
+        lr.power_iters, time.perf_counter() - tick, lr.optimal_rel_error,
+    )
+    return LayerOutcome(pair.tensor, layer, factors)
+
+
+def compare_whole(whole: WholeTensor, base_tensor: torch.Tensor, tuned_tensor: torch.Tensor) -> WholeOutcome:
+    """Compare one whole tensor of both checkpoints (same shape); keep the tuned one when it changed and is saved."""
+    change = tensor_change_of(whole.tensor, base_tensor, tuned_tensor)
+    return WholeOutcome(whole.tensor, change, tuned_tensor if change is not None and whole.save else None)
+
+
+@dataclass
+class PairExtraction:
+    """One base / tuned pair on its way to an adapter: `start_pair`, then an outcome per planned tensor
+    (`record`, in any order), then `finish_pair`. `extract` and fleet runs (`loratools.fleet`) share it, so a
+    fleet writes the bytes separate runs write."""
+
+    base: str | os.PathLike
+    tuned: str | os.PathLike
+    out: str | os.PathLike
+    settings: ExtractSettings
+    result: ExtractResult
+    names: dict[str, str] | None
+    out_dtype: torch.dtype
+    outcomes: dict[str, Outcome] = field(default_factory=dict)
+
+    @property
+    def plan(self) -> Plan:
+        return self.result.plan
+
+    def items(self) -> list[LayerPair | WholeTensor]:
+        """The planned tensors: whole tensors first, then LoRA layers (each list in name order)."""
+        return [*self.plan.whole, *self.plan.pairs]
+
+    def record(self, outcome: Outcome) -> None:
+        """Keep one tensor's outcome; a changed tensor to be saved whole on a LoRA module is refused here."""
+        if isinstance(outcome, WholeOutcome) and outcome.saved is not None:
+            whole = next(w for w in self.plan.whole if w.tensor == outcome.tensor)
+            _refuse_module_conflict(whole, {p.module for p in self.plan.pairs})
+        self.outcomes[outcome.tensor] = outcome
+
+
+def start_pair(
+    base_index: TensorIndex,
+    tuned_index: TensorIndex,
+    *,
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    out: str | os.PathLike,
+    settings: ExtractSettings,
+    dry_run: bool = False,
+) -> PairExtraction:
+    """Plan one pair from headers (`plan_extract`), fitted to the output format; no tensor data is read.
+
+    Args:
+        base_index, tuned_index: the open checkpoints; base, tuned, out: the paths as the user gave them
+            (recorded in the adapter and the report).
+    """
+    fmt = settings.format
+    config = base_index.config or tuned_index.config
+    format_reason = f"{fmt}: given with --format"
+    if fmt is None:
+        fmt, format_reason = default_format(list(base_index.tensors), config)
+    plan = plan_extract(base_index, tuned_index, selection=settings.selection)
+    _check_plan_format(plan, fmt, settings.selection)
+    names = pipeline_names(list(base_index.tensors), config) if fmt != "peft" else None
+    _check_pipeline_names(plan, names, fmt)
+    out_dtype = resolve_dtype(settings.dtype) or _tuned_dtype(plan, tuned_index)
+    summary = ExtractSummary(
+        base=str(base), tuned=str(tuned), output=str(out), format=fmt, dtype=dtype_name(out_dtype),
+        rank_policy=settings.policy.describe(), algorithm=describe_svd(settings.svd), device=str(settings.svd.device),
+        kind_source=plan.kind_source, format_reason=format_reason, task_type=plan.task_type, pairing=plan.pairing,
+        excluded=len(plan.excluded),
+    )
+    result = ExtractResult(plan, summary, dry_run=dry_run)
+    return PairExtraction(base, tuned, out, settings, result, names, out_dtype)
+
+
+def finish_pair(
+    job: PairExtraction, tuned_index: TensorIndex, *, force: bool = False, report: str | os.PathLike | None = None,
+    started: float | None = None,
+) -> ExtractResult:
+    """Build the adapter from every recorded outcome (in plan order), check it, write it and the report.
+
+    Raises:
+        LoratoolsError when nothing changed; OutputError when writing fails.
+    """
+    result, plan = job.result, job.plan
+    factors: dict[LayerPair, tuple[torch.Tensor, torch.Tensor]] = {}
+    full: dict[str, torch.Tensor] = {}
+    for whole in plan.whole:
+        seen = job.outcomes[whole.tensor]
+        assert isinstance(seen, WholeOutcome)
+        if seen.change is None:
+            result.unchanged += 1
+            continue
+        result.changed.append(ChangedTensor(**asdict(seen.change), saved=whole.save, why=whole.why,
+                                          left_out=whole.left_out))
+        if seen.saved is not None:
+            full[whole.tensor] = seen.saved
+    for pair in plan.pairs:
+        done = job.outcomes[pair.tensor]
+        assert isinstance(done, LayerOutcome)
+        if done.layer is None:
+            result.unchanged += 1
+            continue
+        result.layers.append(done.layer)
+        if done.factors is not None:
+            factors[pair] = done.factors
+    adapter = result.adapter = _build_adapter(factors, _with_module_siblings(full, tuned_index), plan, job.base)
+    _finish_summary(result, adapter, job.out_dtype)
+    fmt = result.summary.format
+    _note_unmapped(result, adapter, job.names, fmt)
+    if not adapter.modules and not adapter.full:
+        raise LoratoolsError(
+            f"{job.tuned}: no changed layers to extract against {job.base} ({result.unchanged} unchanged tensors,"
+            f" {len(result.changed)} changed tensors not saved); check the paths, or save changed tensors with"
+            " --save-full PATTERN"
+        )
+    inputs = [job.base, job.tuned]
+    save_adapter(adapter, job.out, format=fmt, inputs=inputs, force=force, dtype=job.out_dtype,
+                 metadata=provenance("extract", inputs, job.settings.provenance_parameters()), names=job.names)
+    if started is not None:
+        result.summary.seconds = time.perf_counter() - started
+    result.summary.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if report is not None:
+        write_json(report, result.to_json(), inputs=[*inputs, job.out], force=force)
+    return result
+
+
 def extract(
     base: str | os.PathLike,
     tuned: str | os.PathLike,
@@ -179,14 +380,10 @@ def extract(
     """Extract a LoRA adapter approximating ``tuned − base`` and write it to `out`.
 
     Args:
-        base, tuned: checkpoints `open_checkpoint` reads (folders, shards, single files).
+        base, tuned: checkpoints `open_checkpoint` reads (folders, shards, single files), or Hugging Face hub
+            ids ``org/name[@revision]`` found in the local cache (`hub.resolve_checkpoint`).
         out: output path: a PEFT folder, a ``.safetensors`` file (bare PEFT or kohya).
-        policy: rank policy for every layer (``policy.conv_rank``: a fixed rank for conv2d layers).
-        selection: which tensors; embeddings as LoRA, whole or skipped; --save-full patterns (`Selection`).
-        svd: how each ΔW is factored (randomized or exact, seed, precision, device; `SvdSettings`).
-        format: ``peft``, ``kohya`` or ``diffusers``; default from the base checkpoint (`default_format`).
-        dtype: the written factors' dtype (``fp32``, ``fp16``, ``bf16`` or a torch dtype); default the tuned
-            weights' dtype.
+        policy, selection, svd, format, dtype: see `ExtractSettings`.
         dry_run: plan only (reads headers, no tensor data), write nothing.
         force: replace an existing `out` (and `report`).
         report: also write ``result.to_json()`` to this path (the plan's report with `dry_run`); checked
@@ -202,76 +399,38 @@ def extract(
         >>> result.summary.rel_error, [layer.rank for layer in result.layers][:3]
     """
     started = time.perf_counter()
-    if format is not None:
-        check_format(format)
-    written_dtype = resolve_dtype(dtype)
+    settings = ExtractSettings(policy, selection, svd, format, dtype)
     device = svd_device(svd)
-    check_output(out, [base, tuned], force)
+    base_path, tuned_path = resolve_checkpoint(base), resolve_checkpoint(tuned)
+    check_output(out, [base_path, tuned_path], force)
     if report is not None:
-        check_output(report, [base, tuned, out], force)
-    with open_checkpoint(base) as base_index, open_checkpoint(tuned) as tuned_index:
-        config = base_index.config or tuned_index.config
-        format_reason = f"{format}: given with --format"
-        if format is None:
-            format, format_reason = default_format(list(base_index.tensors), config)
-        plan = plan_extract(base_index, tuned_index, selection=selection)
-        _check_plan_format(plan, format, selection)
-        names = pipeline_names(list(base_index.tensors), config) if format != "peft" else None
-        _check_pipeline_names(plan, names, format)
-        out_dtype = written_dtype or _tuned_dtype(plan, tuned_index)
-        summary = ExtractSummary(
-            base=str(base), tuned=str(tuned), output=str(out), format=format, dtype=dtype_name(out_dtype),
-            rank_policy=policy.describe(), algorithm=describe_svd(svd), device=str(device),
-            kind_source=plan.kind_source, format_reason=format_reason, task_type=plan.task_type, pairing=plan.pairing,
-            excluded=len(plan.excluded),
-        )
-        result = ExtractResult(plan, summary, dry_run=dry_run)
+        check_output(report, [base_path, tuned_path, out], force)
+    with open_checkpoint(base_path) as base_index, open_checkpoint(tuned_path) as tuned_index:
+        job = start_pair(base_index, tuned_index, base=base, tuned=tuned, out=out, settings=settings,
+                         dry_run=dry_run)
+        plan = job.plan
         if dry_run:
             if report is not None:
-                write_json(report, result.to_json(), inputs=[base, tuned, out], force=force)
-            return result
+                write_json(report, job.result.to_json(), inputs=[base_path, tuned_path, out], force=force)
+            return job.result
         total = len(plan.whole) + len(plan.pairs)
-        full = _compare_whole(plan, base_index, tuned_index, result, progress, total)
-        factors: dict[LayerPair, tuple[torch.Tensor, torch.Tensor]] = {}
+        for number, whole in enumerate(plan.whole):
+            if progress:
+                progress(number, total, whole.tensor)
+            job.record(compare_whole(whole, base_index.get(whole.tensor), tuned_index.get(whole.tensor)))
         # one ΔW in memory at a time, each formed in the same workspace while the next is read ahead
         deltas = layer_deltas(base_index, tuned_index, plan.pairs, dtype=compute_dtype(svd), device=device, reuse=True)
         for number, pair in enumerate(plan.pairs):
             if progress:
                 progress(len(plan.whole) + number, total, pair.module)
             tick = time.perf_counter()
-            delta = next(deltas)
-            if delta.energy == 0:
-                result.unchanged += 1
-                continue
-            layer_policy = policy.for_kind(pair.kind)
-            lr = low_rank(delta.matrix, layer_policy, settings=svd.for_layer(pair.module), total_energy=delta.energy)
-            if lr.rank:
-                left, right = lr.factors()
-                factors[pair] = (left.to("cpu", torch.float32), right.to("cpu", torch.float32))
-            result.layers.append(ExtractedLayer(
-                pair.module, pair.tensor, pair.shape, pair.kind, lr.rank, lr.rel_error, lr.energy,
-                float(lr.S[0]), float(lr.S[lr.rank - 1]) if lr.rank else 0.0, lr.total_energy**0.5, lr.clamped,
-                lr.power_iters, time.perf_counter() - tick, lr.optimal_rel_error,
-            ))
+            job.record(factor_layer(pair, next(deltas), settings, since=tick))
         if progress:
             progress(total, total, "")
-    adapter = result.adapter = _build_adapter(factors, full, plan, base)
-    _finish_summary(result, adapter, out_dtype)
-    _note_unmapped(result, adapter, names, format)
-    if not adapter.modules and not adapter.full:
-        raise LoratoolsError(
-            f"{tuned}: no changed layers to extract against {base} ({result.unchanged} unchanged tensors,"
-            f" {len(result.changed)} changed tensors not saved); check the paths, or save changed tensors with"
-            " --save-full PATTERN"
-        )
-    parameters = {"rank_policy": summary.rank_policy, "algorithm": summary.algorithm}
-    save_adapter(adapter, out, format=format, inputs=[base, tuned], force=force, dtype=out_dtype,
-                 metadata=provenance("extract", [base, tuned], parameters), names=names)
-    summary.seconds = time.perf_counter() - started
-    summary.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if report is not None:
-        write_json(report, result.to_json(), inputs=[base, tuned, out], force=force)
-    return result
+        return finish_pair(job, tuned_index, force=force, report=report, started=started)
+
+
+LEFT_OUT = "(--format peft keeps it)"  # ends the `why` of layers a kohya or diffusers file cannot hold
 
 
 def _check_plan_format(plan: Plan, format: str, selection: Selection = Selection()) -> None:
@@ -340,31 +499,6 @@ def _tuned_dtype(plan: Plan, tuned: TensorIndex) -> torch.dtype:
     return floating[0] if floating else torch.float32
 
 
-def _compare_whole(
-    plan: Plan, base: TensorIndex, tuned: TensorIndex, result: ExtractResult, progress: Progress | None, total: int
-) -> dict[str, torch.Tensor]:
-    """Compare every whole tensor; record the changed ones; return the tensors to save whole, by name: each
-    changed tensor marked `save`, with the other parameters of its module (unchanged ones too)."""
-    lora_modules = {p.module for p in plan.pairs}
-    full = {}
-    for number, whole in enumerate(plan.whole):
-        if progress:
-            progress(number, total, whole.tensor)
-        change = tensor_change(base, tuned, whole.tensor)
-        if change is None:
-            result.unchanged += 1
-            continue
-        result.changed.append(ChangedTensor(**asdict(change), saved=whole.save, why=whole.why, left_out=whole.left_out))
-        if whole.save:
-            _refuse_module_conflict(whole, lora_modules)
-            full[whole.tensor] = tuned.get(whole.tensor)
-    saved_modules = {name.rpartition(".")[0] for name in full}
-    for name in tuned.tensors:  # PEFT's modules_to_save loads every parameter of a saved module
-        if name.rpartition(".")[0] in saved_modules and name not in full:
-            full[name] = tuned.get(name)
-    return dict(sorted(full.items(), key=lambda item: natural_key(item[0])))
-
-
 def _refuse_module_conflict(whole: WholeTensor, lora_modules: set[str]) -> None:
     if whole.module in lora_modules:
         raise LoratoolsError(
@@ -372,6 +506,16 @@ def _refuse_module_conflict(whole: WholeTensor, lora_modules: set[str]) -> None:
             f" load a module that is both a LoRA target and in modules_to_save; add {whole.module}.weight to"
             f" --save-full to save the whole module, or drop {whole.tensor} from --save-full"
         )
+
+
+def _with_module_siblings(full: dict[str, torch.Tensor], tuned: TensorIndex) -> dict[str, torch.Tensor]:
+    """The tensors to save whole, with every other parameter of their modules (unchanged ones too: PEFT's
+    modules_to_save loads the whole module), in name order."""
+    saved_modules = {name.rpartition(".")[0] for name in full}
+    for name in tuned.tensors:
+        if name.rpartition(".")[0] in saved_modules and name not in full:
+            full[name] = tuned.get(name)
+    return dict(sorted(full.items(), key=lambda item: natural_key(item[0])))
 
 
 def _build_adapter(

@@ -97,6 +97,7 @@ def atomic_output(
         folder: create the temporary path as an empty folder (else the caller creates the file).
     """
     out_path = check_output(out, inputs, force=True)
+    created = [folder for folder in (out_path.parent, *out_path.parent.parents) if not folder.exists()]
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(out_path)
@@ -110,7 +111,10 @@ def atomic_output(
         if folder:
             tmp.mkdir()
         yield tmp
+        sync_tree(tmp)
         _commit(tmp, out_path, force, out)
+        for parent in (out_path.parent, *(new.parent for new in created)):
+            _sync_folder(parent)  # the rename, and any folder created for the output, on disk
     except LoratoolsError:
         raise
     except OSError as exc:
@@ -118,6 +122,42 @@ def atomic_output(
     finally:
         with contextlib.suppress(OSError):
             _remove(tmp)
+
+
+def sync_tree(path: Path) -> None:
+    """Flush `path` to the disk: every file under it (or the file itself), then every folder, deepest first.
+
+    Called on the finished temporary output before it is renamed into place, so that after a power loss the
+    output is the complete new one or the previous one, never a name pointing at unwritten data.
+    """
+    if path.is_symlink() or not path.exists():
+        return
+    if not path.is_dir():
+        _fsync(path)
+        return
+    for root, _folders, files in os.walk(path, topdown=False):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                _fsync(Path(root, name))
+        _sync_folder(Path(root))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, which makes the names created, renamed or removed in it durable; a no-op where the
+    system cannot open folders for that (not Linux or macOS)."""
+    try:
+        _fsync(folder)
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EBADF, errno.EACCES, errno.EISDIR, errno.ENOTSUP):
+            raise
 
 
 def write_error(out: str | os.PathLike, exc: OSError) -> OutputError:

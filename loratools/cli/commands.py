@@ -10,6 +10,7 @@ import dataclasses
 import click
 
 from loratools.cli.app import cli
+from loratools.cli.fleet import fleet_options, is_fleet, run_fleet
 from loratools.cli.options import (
     Output,
     hidden_alias,
@@ -35,9 +36,9 @@ FORMAT_CHOICE = click.Choice(ADAPTER_FORMATS)
 
 @cli.command("extract")
 @click.argument("base")
-@click.argument("tuned")
-@write_options("A folder (PEFT, diffusers), or a .safetensors file (kohya / bare PEFT / diffusers).",
-               "Written dtype (default: the tuned weights').")
+@click.argument("tuned", nargs=-1)
+@write_options("A folder (PEFT, diffusers), or a .safetensors file (kohya / bare PEFT / diffusers); for a fleet, the"
+               " folder of the adapters.", "Written dtype (default: the tuned weights').")
 @rank_policy_options(default_rank=16)
 @click.option("--conv-rank", type=click.IntRange(min=1), help="Fixed rank for conv2d layers (default: the policy).")
 @selection_options(writes_adapter=True)
@@ -47,15 +48,22 @@ FORMAT_CHOICE = click.Choice(ADAPTER_FORMATS)
 @svd_options
 @click.option("--report", type=click.Path(dir_okay=False), help="Also write the report as JSON to this file.")
 @click.option("--dry-run", is_flag=True, help="Show the plan (from headers only) and stop.")
+@fleet_options
 @output_options
-def extract_command(base: str, tuned: str, out: str, dtype: str | None, force: bool, policy: RankPolicy,
+def extract_command(base: str, tuned: tuple[str, ...], out: str, dtype: str | None, force: bool, policy: RankPolicy,
                     conv_rank: int | None, selection: Selection, fmt: str | None, svd: SvdSettings, report: str | None,
-                    dry_run: bool, output: Output) -> None:
-    """Extract a LoRA adapter from the difference TUNED − BASE.
+                    dry_run: bool, fleet: dict, output: Output) -> None:
+    """Extract a LoRA adapter from the difference TUNED − BASE (several TUNED: one adapter each, a fleet).
 
-    BASE and TUNED are model folders (sharded or not) or single .safetensors/.bin files. Each weight pair is
-    loaded on its own, ΔW is formed in fp32 and factored by a seeded randomized SVD at the rank the policy
-    asks for. Norms, biases and other changed tensors that cannot be a LoRA are listed; --save-full saves them.
+    BASE and TUNED are model folders (sharded or not), single .safetensors/.bin files, or Hugging Face hub ids
+    org/name[@revision] from the local cache. Each weight pair is loaded on its own, ΔW is formed in fp32 and
+    factored by a seeded randomized SVD at the rank the policy asks for. Norms, biases and other changed
+    tensors that cannot be a LoRA are listed; --save-full saves them.
+
+    A fleet (two or more TUNED, or --manifest) reads each base tensor once for all fine-tunes and writes
+    OUTDIR/NAME per fine-tune plus OUTDIR/fleet-report.json; --resume keeps the adapters a killed run
+    finished; --executor ray runs it on a Ray cluster. A fine-tune that fails does not stop the others
+    (exit status 1).
 
     \b
     Examples:
@@ -64,11 +72,18 @@ def extract_command(base: str, tuned: str, out: str, dtype: str | None, force: b
       loratools extract sd-base.safetensors sd-tuned.safetensors -o lora.safetensors --conv-rank 8
       loratools extract unet-base/ unet-tuned/ -o lora --format diffusers
       loratools extract base/ tuned/ -o adapter --dry-run
+      loratools extract base/ tuned-fr/ tuned-de/ tuned-es/ -o adapters/ --rank 16
+      loratools extract base/ --manifest fleet.json -o adapters/ --resume --executor ray
     """
-    from loratools.extraction import extract
+    from loratools.extraction import ExtractSettings, extract
 
+    policy = dataclasses.replace(policy, conv_rank=conv_rank)
+    if is_fleet(tuned, fleet):
+        run_fleet(base, tuned, out, fleet, settings=ExtractSettings(policy, selection, svd, fmt, dtype), force=force,
+                  report=report, dry_run=dry_run, output=output)
+        return
     run(output, "extract", lambda progress: extract(
-        base, tuned, out, policy=dataclasses.replace(policy, conv_rank=conv_rank), selection=selection, svd=svd, format=fmt,
+        base, tuned[0], out, policy=policy, selection=selection, svd=svd, format=fmt,
         dtype=dtype, dry_run=dry_run, force=force, report=report, progress=progress,
     ), show_extract)
 
