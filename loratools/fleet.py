@@ -59,7 +59,7 @@ from loratools.names import natural_key
 from loratools.plan import LayerPair, WholeTensor
 from loratools.policies import RankPolicy
 from loratools.progress import Progress
-from loratools.writer import check_output, write_json
+from loratools.writer import check_output, remove_stale_temporaries, write_json
 
 EXECUTORS = ("local", "ray")
 FLEET_REPORT = "fleet-report.json"
@@ -230,6 +230,7 @@ class _Running:
     job: PairExtraction
     items: dict[str, LayerPair | WholeTensor]
     error: str = ""
+    started: float = field(default_factory=time.perf_counter)
 
 
 def entries_from_paths(tuned: Sequence[str]) -> list[FleetEntry]:
@@ -332,6 +333,9 @@ def extract_fleet(
         pending = []
         for entry in entries:
             output = outputs[entry.name]
+            if root.is_dir():  # what a killed run left being written (the adapter or its report)
+                for path in (output, _entry_report(output, entry)):
+                    remove_stale_temporaries(path)
             if os.path.lexists(output) and not options.force:
                 if not options.resume:
                     raise OutputError(f"{output}: already exists; pass --resume to keep the adapters already made,"
@@ -353,7 +357,6 @@ def extract_fleet(
                     else:
                         _local_pass(base_index, running, settings, device, tally)
                         _finish_all(running, results, options)
-                    summary.base_reads += tally.base_reads
                     summary.io_floor_bytes += sum(_stored(base_index, n) for n in {n for r in running for n in r.items})
             finally:
                 for r in running:
@@ -365,6 +368,7 @@ def extract_fleet(
     summary.reused = sum(e.status == "reused" for e in ordered)
     summary.failed = sum(e.status == "failed" for e in ordered)
     summary.bytes_read = tally.bytes_read
+    summary.base_reads = tally.base_reads
     summary.worker_peak_rss_bytes = tally.worker_peak_rss
     result = FleetResult(summary, ordered, dry_run=options.dry_run)
     summary.seconds = time.perf_counter() - started
@@ -394,6 +398,10 @@ def _entry_settings(settings: ExtractSettings, entry: FleetEntry) -> ExtractSett
     return settings if entry.policy is None else replace(settings, policy=entry.policy)
 
 
+def _entry_report(output: Path, entry: FleetEntry) -> Path:
+    return output.with_name(entry.name + ENTRY_REPORT)
+
+
 def _stored(index: TensorIndex, name: str) -> int:
     return index.info(name).nbytes
 
@@ -417,7 +425,7 @@ def _reused(entry: FleetEntry, output: Path, base: str | os.PathLike, settings: 
     if differing:
         return _failed(entry, output, f"{output}: exists, made from other {' and '.join(differing)} than this run's;"
                                       " pass --force to replace it, or choose another -o folder")
-    report_path = output.with_name(entry.name + ENTRY_REPORT)
+    report_path = _entry_report(output, entry)
     try:
         report = json.loads(report_path.read_text())
     except (OSError, ValueError):
@@ -512,8 +520,8 @@ def _finish(r: _Running, options: FleetOptions) -> EntryResult:
     if r.error:
         return _failed(r.entry, r.output, r.error)
     try:
-        result = finish_pair(r.job, r.index, force=options.force)
-        write_json(r.output.with_name(r.entry.name + ENTRY_REPORT), result.to_json(), force=True)
+        result = finish_pair(r.job, r.index, force=options.force, started=r.started)
+        write_json(_entry_report(r.output, r.entry), result.to_json(), force=True)
     except (LoratoolsError, OSError) as exc:
         return _failed(r.entry, r.output, str(exc))
     finally:
