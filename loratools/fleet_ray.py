@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,6 +65,11 @@ def run_tasks(tasks: Sequence[GroupTask], *, address: str | None,
         raise LoratoolsError(f"each task runs {threads} torch threads and asks for as many CPUs, but the largest Ray"
                              f" node has {largest:g}; pass --threads {max(1, int(largest))}")
     remote = ray.remote(num_cpus=threads, max_retries=MAX_RETRIES)(extract_group)
+    with contextlib.redirect_stdout(sys.stderr):  # Ray's own notices (a worker died, a retry) stay off stdout
+        _gather(ray, remote, tasks, gathered)
+
+
+def _gather(ray: Any, remote: Any, tasks: Sequence[GroupTask], gathered: Callable[[GroupResult, int], bool]) -> None:
     pending = {remote.remote(task): task for task in tasks}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
