@@ -50,7 +50,8 @@ if TYPE_CHECKING:
         generate,
         merge_onnx,
     )
-    from loratools.extraction import ExtractResult, extract
+    from loratools.extraction import ExtractResult, ExtractSettings, extract
+    from loratools.fleet import FleetEntry, FleetOptions, FleetResult, extract_fleet
     from loratools.inspection import InspectReport, inspect_adapter
     from loratools.linalg import factor_spectrum
     from loratools.merging import MergeResult, merge
@@ -80,7 +81,12 @@ _PUBLIC = {
     "ExportResult": "loratools.export",
     "extract": "loratools.extraction",
     "ExtractResult": "loratools.extraction",
+    "ExtractSettings": "loratools.extraction",
+    "extract_fleet": "loratools.fleet",
     "factor_spectrum": "loratools.linalg",
+    "FleetEntry": "loratools.fleet",
+    "FleetOptions": "loratools.fleet",
+    "FleetResult": "loratools.fleet",
     "FormatError": "loratools.errors",
     "generate": "loratools.export",
     "GenerateOptions": "loratools.export",

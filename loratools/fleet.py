@@ -43,7 +43,7 @@ from loratools.adapter_files import adapter_weights_path
 from loratools.checkpoint import TensorIndex, open_checkpoint, read_safetensors_header
 from loratools.deltas import layer_delta
 from loratools.errors import LoratoolsError, OutputError
-from loratools.extract import (
+from loratools.extraction import (
     ExtractResult,
     ExtractSettings,
     Outcome,
@@ -56,9 +56,10 @@ from loratools.extract import (
 from loratools.formats import default_format
 from loratools.hub import resolve_checkpoint
 from loratools.names import natural_key
+from loratools.options import RankPolicy
 from loratools.plan import LayerPair, WholeTensor
-from loratools.policies import RankPolicy
 from loratools.progress import Progress
+from loratools.rsvd import compute_dtype, svd_device
 from loratools.writer import check_output, remove_stale_temporaries, write_json
 
 EXECUTORS = ("local", "ray")
@@ -323,7 +324,7 @@ def extract_fleet(
     """
     started = time.perf_counter()
     check_entries(entries)
-    device = settings.svd.torch_device()
+    device = svd_device(settings.svd)
     root = Path(out)
     results: dict[str, EntryResult] = {}
     summary = FleetSummary(str(base), str(root), options.executor, entries=len(entries))
@@ -471,7 +472,7 @@ def compute_item(
     if isinstance(item, WholeTensor):
         return compare_whole(item, base_tensor, tuned_index.get(item.tensor))
     svd = settings.svd
-    delta = layer_delta(base_index, tuned_index, item, dtype=svd.dtype, device=svd.torch_device(),
+    delta = layer_delta(base_index, tuned_index, item, dtype=compute_dtype(svd), device=svd_device(svd),
                         workspace=workspace, base_tensor=base_tensor)
     return factor_layer(item, delta, settings)
 
@@ -479,7 +480,7 @@ def compute_item(
 def _workspace(items: Sequence[LayerPair | WholeTensor], settings: ExtractSettings) -> torch.Tensor | None:
     sizes = [math.prod(i.shape) for i in items if isinstance(i, LayerPair)]
     svd = settings.svd
-    return torch.empty(max(sizes), dtype=svd.dtype, device=svd.torch_device()) if sizes else None
+    return torch.empty(max(sizes), dtype=compute_dtype(svd), device=svd_device(svd)) if sizes else None
 
 
 def _local_pass(
@@ -573,27 +574,32 @@ def _ray_pass(
 
     by_name = {r.entry.name: r for r in running}
     tasks = [
-        GroupTask(r.entry.name, str(base_index.path), str(r.index.path), group, r.job.settings, torch.get_num_threads())
+        GroupTask(r.entry.name, str(base_index.path), str(r.index.path), group, r.job.settings,
+                  torch.get_num_threads())
         for r in running for group in tensor_groups(r.index, list(r.items.values()))
     ]
     waiting = {r.entry.name: sum(t.entry == r.entry.name for t in tasks) for r in running}
 
-    def gathered(group: GroupResult, size: int) -> bool:
-        r = by_name[group.entry]
+    def gathered(task: GroupTask, group: GroupResult | None, lost: str) -> bool:
+        r = by_name[task.entry]
+        group = group or GroupResult(task.entry, [], lost)
         tally.bytes_read += group.bytes_read
         tally.worker_peak_rss = max(tally.worker_peak_rss, group.peak_rss_bytes)
         tally.base_reads += 1
-        tally.step(size, group.entry)
-        if group.error and not r.error:
-            r.error = group.error
-            r.job.outcomes.clear()
-            results[r.entry.name] = _failed(r.entry, r.output, r.error)
+        tally.step(len(task.items), task.entry)
         if not r.error:
-            for outcome in group.outcomes:
-                r.job.record(outcome)
-        waiting[group.entry] -= 1
-        if waiting[group.entry] == 0 and not r.error:
+            try:
+                if group.error:
+                    raise LoratoolsError(group.error)
+                for outcome in group.outcomes:
+                    r.job.record(outcome)
+            except LoratoolsError as exc:
+                r.error = str(exc)
+                r.job.outcomes.clear()
+                results[r.entry.name] = _failed(r.entry, r.output, r.error)
+        waiting[task.entry] -= 1
+        if waiting[task.entry] == 0 and not r.error:
             results[r.entry.name] = _finish(r, options)
         return bool(r.error)
 
-    run_tasks(tasks, address=options.address, gathered=gathered)
+    run_tasks(tasks, extract_group, address=options.address, threads=torch.get_num_threads(), gathered=gathered)

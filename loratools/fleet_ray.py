@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from loratools.errors import LoratoolsError
-from loratools.fleet import GroupResult, GroupTask, extract_group
 
 MAX_RETRIES = 3  # Ray re-runs a task this many times when its worker process dies
 
@@ -48,41 +47,42 @@ def connect(address: str | None) -> None:
                              " --address HOST:PORT") from None
 
 
-def run_tasks(tasks: Sequence[GroupTask], *, address: str | None,
-              gathered: Callable[[GroupResult, int], bool]) -> None:
-    """Run every task on the cluster; call ``gathered(result, len(task.items))`` as each one finishes.
+def run_tasks(tasks: Sequence[Any], function: Callable[[Any], Any], *, address: str | None, threads: int,
+              gathered: Callable[[Any, Any, str], bool]) -> None:
+    """Run ``function(task)`` for every task on the cluster, each task asking for `threads` CPUs.
 
-    When `gathered` returns True (its entry failed), that entry's tasks still queued are cancelled.
-    A task whose worker died more than MAX_RETRIES times fails its entry with that reason.
+    As each finishes, ``gathered(task, result, "")`` is called, or ``gathered(task, None, reason)`` when Ray
+    lost it more than MAX_RETRIES times (its worker or node died). When `gathered` returns True (the task's
+    ``entry`` failed), the tasks of that entry still queued are cancelled.
     """
     if not tasks:
         return
     ray = _ray()
     connect(address)
-    threads = max(task.threads for task in tasks)
     largest = max((node.get("Resources", {}).get("CPU", 0) for node in ray.nodes() if node.get("Alive")), default=0)
     if largest < threads:
         raise LoratoolsError(f"each task runs {threads} torch threads and asks for as many CPUs, but the largest Ray"
                              f" node has {largest:g}; pass --threads {max(1, int(largest))}")
-    remote = ray.remote(num_cpus=threads, max_retries=MAX_RETRIES)(extract_group)
+    remote = ray.remote(num_cpus=threads, max_retries=MAX_RETRIES)(function)
     with contextlib.redirect_stdout(sys.stderr):  # Ray's own notices (a worker died, a retry) stay off stdout
         _gather(ray, remote, tasks, gathered)
 
 
-def _gather(ray: Any, remote: Any, tasks: Sequence[GroupTask], gathered: Callable[[GroupResult, int], bool]) -> None:
+def _gather(ray: Any, remote: Any, tasks: Sequence[Any], gathered: Callable[[Any, Any, str], bool]) -> None:
     pending = {remote.remote(task): task for task in tasks}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             task = pending.pop(ref)
             try:
-                result = ray.get(ref)
+                result, lost = ray.get(ref), ""
             except ray.exceptions.TaskCancelledError:
                 continue
-            except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError, ray.exceptions.ObjectLostError) as exc:
-                result = GroupResult(task.entry, [], f"Ray lost the task {MAX_RETRIES + 1} times"
-                                                     f" ({type(exc).__name__}); see the Ray logs of the cluster")
-            if gathered(result, len(task.items)):
+            except (ray.exceptions.WorkerCrashedError, ray.exceptions.NodeDiedError,
+                    ray.exceptions.ObjectLostError) as exc:
+                result, lost = None, (f"Ray lost the task {MAX_RETRIES + 1} times ({type(exc).__name__}); see the"
+                                      " cluster's Ray logs")
+            if gathered(task, result, lost):
                 for other, queued in list(pending.items()):
                     if queued.entry == task.entry:
                         ray.cancel(other)

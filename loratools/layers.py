@@ -14,8 +14,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("foundation", ("errors", "progress", "version", "names", "options", "layers", "silence")),
     # Frobenius energies and factored SVDs, the dtype convention, rank policies and Eckart–Young errors
     ("math", ("linalg", "dtypes", "policies")),
-    # the adapter data model; lazy checkpoint reading (headers, one tensor at a time)
-    ("data", ("adapter", "checkpoint")),
+    # the adapter data model; lazy checkpoint reading (headers, one tensor at a time); hub ids to cached folders
+    ("data", ("adapter", "checkpoint", "hub")),
     # randomized SVD and low_rank; spectrum statistics
     ("algorithms", ("rsvd", "spectral")),
     # adapter key formats (one module per format); atomic writes and provenance; which tensors become which ops
@@ -24,6 +24,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("adapter operations", ("adapter_files", "algebra", "deltas", "matching")),
     # one module per command family: each opens its inputs, calls the layers below, writes, returns a result
     ("commands", ("extraction", "spectrum", "verify", "inspection", "merging", "adapter_commands", "plot")),
+    # many fine-tunes of one base through extraction's per-pair steps; their Ray executor (ray imported only here)
+    ("fleets", ("fleet", "fleet_ray")),
     # ONNX export, multi-LoRA slots and adapter files, ONNX merge (onnx and onnxruntime imported only here)
     ("export", ("export", "export.*")),
     # the command line: the only importer of click and rich
@@ -41,6 +43,8 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "onnxruntime_genai": ("export.genai_runtime",),
     "transformers": ("export.model", "export.trace", "plan", "silence"),
     "matplotlib": ("plot",),
+    "ray": ("fleet_ray",),
+    "huggingface_hub": ("hub",),
     "click": ("cli.*",),
     "rich": ("cli.*",),
 }

@@ -24,9 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from loratools import writer
 from loratools.checkpoint import TensorIndex
-from loratools.extract import ExtractSettings, extract
+from loratools.extraction import ExtractSettings, extract
 from loratools.fleet import FleetEntry, FleetOptions, entries_from_paths, extract_fleet, read_manifest
-from loratools.policies import RankPolicy
+from loratools.options import RankPolicy
 from tests.helpers import llama_from, logits, peft_logits, run_cli, save_tiny_gpt2, save_tiny_llama
 
 REPO = Path(__file__).resolve().parent.parent

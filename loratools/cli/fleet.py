@@ -16,7 +16,7 @@ from rich.table import Table
 from loratools.cli.options import Command, Output, run, stdout_console
 
 if TYPE_CHECKING:
-    from loratools.extract import ExtractSettings
+    from loratools.extraction import ExtractSettings
     from loratools.fleet import FleetResult
 
 FLEET_ONLY = ("manifest", "resume", "executor", "address", "batch")
