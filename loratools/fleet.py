@@ -324,7 +324,7 @@ def extract_fleet(
     """
     started = time.perf_counter()
     check_entries(entries)
-    device = svd_device(settings.svd)
+    svd_device(settings.svd)  # a missing GPU is an error before any work
     root = Path(out)
     results: dict[str, EntryResult] = {}
     summary = FleetSummary(str(base), str(root), options.executor, entries=len(entries))
@@ -356,8 +356,8 @@ def extract_fleet(
                     if options.executor == "ray":
                         _ray_pass(base, base_index, running, tally, results, options)
                     else:
-                        _local_pass(base_index, running, settings, device, tally)
-                        _finish_all(running, results, options)
+                        _local_pass(base_index, running, settings, tally)
+                        results.update({r.entry.name: _finish(r, options) for r in running})
                     summary.io_floor_bytes += sum(_stored(base_index, n) for n in {n for r in running for n in r.items})
             finally:
                 for r in running:
@@ -426,9 +426,8 @@ def _reused(entry: FleetEntry, output: Path, base: str | os.PathLike, settings: 
     if differing:
         return _failed(entry, output, f"{output}: exists, made from other {' and '.join(differing)} than this run's;"
                                       " pass --force to replace it, or choose another -o folder")
-    report_path = _entry_report(output, entry)
-    try:
-        report = json.loads(report_path.read_text())
+    try:  # the report it was written with, unless the run that wrote it was killed before writing that too
+        report = json.loads(_entry_report(output, entry).read_text())
     except (OSError, ValueError):
         report = None
     return EntryResult(entry.name, entry.tuned, str(output), "reused", report=report)
@@ -483,9 +482,7 @@ def _workspace(items: Sequence[LayerPair | WholeTensor], settings: ExtractSettin
     return torch.empty(max(sizes), dtype=compute_dtype(svd), device=svd_device(svd)) if sizes else None
 
 
-def _local_pass(
-    base_index: TensorIndex, running: list[_Running], settings: ExtractSettings, device: torch.device, tally: _Tally,
-) -> None:
+def _local_pass(base_index: TensorIndex, running: list[_Running], settings: ExtractSettings, tally: _Tally) -> None:
     """Each base tensor once, then that tensor of every entry still alive; the next tuned tensor is read ahead."""
     names = sorted({name for r in running for name in r.items}, key=natural_key)
     workspace = _workspace([item for r in running for item in r.items.values()], settings)
@@ -509,11 +506,6 @@ def _local_pass(
                 r.job.outcomes.clear()
             tally.bytes_read += _stored(r.index, name)
             tally.step(1, f"{r.entry.name}: {name}")
-
-
-def _finish_all(running: list[_Running], results: dict[str, EntryResult], options: FleetOptions) -> None:
-    for r in running:
-        results[r.entry.name] = _finish(r, options)
 
 
 def _finish(r: _Running, options: FleetOptions) -> EntryResult:

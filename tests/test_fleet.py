@@ -144,6 +144,7 @@ def test_a_bad_fine_tune_fails_alone_and_the_others_load_in_peft(fleet, separate
         assert float((got - expected).norm() / expected.norm()) < 1e-4
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_finishes_and_keeps_finished_adapters(fleet, separate, tmp_path):
     base, tuned = fleet
     out = tmp_path / "out"
