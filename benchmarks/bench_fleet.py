@@ -14,8 +14,11 @@ the checkpoints evicted from the page cache first (``posix_fadvise(DONTNEED)``),
 
 Columns: wall time (start-up included), storage bytes the process read (``ru_inblock``; Ray workers are not
 children of the driver, so for Ray the bytes its tasks asked for, from the report), the bytes the run asked for
-(the report's ``bytes_read``), peak RSS of the process (for Ray also the largest worker), and the ratio of the
-time to the I/O floor: reading the base once plus each fine-tune once, cold, with ``cat``.
+(the report's ``bytes_read``), peak RssAnon of the process (its own memory, sampled every 20 ms; mapped
+checkpoint pages are page cache, not counted), for Ray also the largest worker's peak RSS (from the report),
+and the ratio of the time to the I/O floor: reading the base once plus each fine-tune once, cold, with ``cat``.
+The separate runs are evicted once before the first: the base stays in the page cache between them, as it
+does on a machine with the memory to hold it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +40,7 @@ from safetensors.torch import save_file
 
 REPO = Path(__file__).resolve().parent.parent
 RAY_PORT = 6391
+MEMORY_FIELD = "RssAnon:" if "RssAnon:" in Path("/proc/self/status").read_text() else "VmRSS:"
 SHAPES = {"self_attn.q_proj": (4096, 4096), "self_attn.k_proj": (4096, 4096), "self_attn.v_proj": (4096, 4096),
           "self_attn.o_proj": (4096, 4096), "mlp.gate_proj": (11008, 4096), "mlp.up_proj": (11008, 4096),
           "mlp.down_proj": (4096, 11008)}
@@ -73,18 +78,37 @@ def evict(paths: list[Path]) -> None:
         os.close(fd)
 
 
+def anonymous_rss(pid: int) -> int:
+    """RssAnon of a process in bytes (its own memory; mapped checkpoint pages are the page cache's), 0 once gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith(MEMORY_FIELD)), 0)
+
+
 def measured(args: list[object], env: dict[str, str]) -> tuple[float, int, int, str]:
-    """Like `run`, with the child's own rusage (storage reads, peak RSS) from wait4."""
+    """(seconds, storage bytes read from wait4's rusage, peak RssAnon sampled every 20 ms, stdout) of one child."""
     started = time.perf_counter()
     child = subprocess.Popen([str(a) for a in args], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    peak = [0]
+
+    def sample() -> None:
+        while child.returncode is None:
+            peak[0] = max(peak[0], anonymous_rss(child.pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     assert child.stdout is not None
     stdout = child.stdout.read().decode()
     _, status, usage = os.wait4(child.pid, 0)
     seconds = time.perf_counter() - started
     child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode not in (0,):
+    sampler.join()
+    if child.returncode != 0:
         raise SystemExit(f"{' '.join(map(str, args))}: exit {child.returncode}")
-    return seconds, usage.ru_inblock * 512, usage.ru_maxrss * 1024, stdout
+    return seconds, usage.ru_inblock * 512, peak[0], stdout
 
 
 def main() -> None:
@@ -153,7 +177,7 @@ def main() -> None:
                    for i in range(options.n))
         print(f"fleet adapters byte-identical to the separate runs': {same}")
         print(f"I/O floor: base once + {options.n} fine-tunes once, cold, {floor_s:.1f} s ({size / 1e9:.2f} GB)\n")
-        print("| way | time | vs N separate | vs I/O floor | storage read | bytes asked | peak RSS (driver / worker) |")
+        print("| way | time | vs N separate | vs I/O floor | storage read | bytes asked | peak RssAnon (driver / worker RSS) |")
         print("|---|---|---|---|---|---|---|")
         for name, s, b, a, p, w in rows:
             worker = f" / {w / 1e9:.2f} GB" if w else ""

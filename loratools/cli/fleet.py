@@ -92,7 +92,9 @@ def show_fleet(result: FleetResult, quiet: bool) -> None:
                              overflow="fold")
         for entry in result.entries:
             e = entry.summary()
-            table.add_row(entry.name, entry.status, str(e.get("layers", "")), e.get("rank_policy", ""),
+            planned = entry.result.plan.pairs if entry.status == "planned" and entry.result else None
+            layers = str(len(planned)) if planned is not None else str(e.get("layers", ""))
+            table.add_row(entry.name, entry.status, layers, e.get("rank_policy", ""),
                           f"{e['rel_error']:.4f}" if "rel_error" in e and entry.status != "planned" else "",
                           f"{e['adapter_bytes'] / 1e6:.2f} MB" if e.get("adapter_bytes") else "",
                           f"{e['seconds']:.1f}" if e.get("seconds") else "",
