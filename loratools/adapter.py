@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -142,7 +143,8 @@ class Adapter:
         metadata: safetensors ``__metadata__`` strings (kohya ``ss_*`` kept verbatim).
         config: the PEFT ``adapter_config.json`` contents, when read from PEFT.
         full: full tensors saved as-is (PEFT ``modules_to_save``), by base tensor name.
-        unsupported: recognised adapter modules this tool cannot use, name -> type (LoHa, LoKr, DoRA ...).
+        structured: modules that are not plain LoRA (LoHa, LoKr, DoRA: `structured_modules`), by name.
+        unsupported: recognised adapter modules this tool cannot use, name -> type (GLoRA, OFT, (IA)³ ...).
         notes: warnings gathered while reading (e.g. an assumed alpha).
     """
 
@@ -154,6 +156,7 @@ class Adapter:
     full: dict[str, torch.Tensor] = field(default_factory=dict)
     unsupported: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    structured: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ranks(self) -> list[int]:
@@ -168,7 +171,8 @@ class Adapter:
     def num_parameters(self) -> int:
         """Trainable parameters: all A and B entries plus full tensors."""
         lora = sum(m.A.numel() + m.B.numel() for m in self.modules.values())
-        return lora + sum(t.numel() for t in self.full.values())
+        structured = sum(t.numel() for m in self.structured.values() for t in m.tensors())
+        return lora + structured + sum(t.numel() for t in self.full.values())
 
     def to(self, dtype: torch.dtype) -> Adapter:
         """A copy with every factor and full tensor cast to `dtype`."""
