@@ -225,3 +225,28 @@ def test_load_usable_refuses_structured_for_combine(tmp_path):
         from loratools.adapter_files import load_usable
 
         load_usable(SD_LOHA)
+
+
+@pytest.mark.parametrize(("path", "base", "kind"), [
+    (SD_LOHA, None, "LoHa"), (SD_LOKR, None, "LoKr"), (FIXTURES / "llama-loha-peft", None, "LoHa"),
+    (FIXTURES / "llama-lokr-peft", None, "LoKr"), (FIXTURES / "llama-dora-peft", LLAMA_BASE, "DoRA"),
+])
+def test_inspect_shows_the_type_and_exact_spectrum(path, base, kind):
+    args = ("--base", base) if base is not None else ()
+    out = run_cli("inspect", path, *args).output
+    assert "type" in out and kind in out
+    import json
+
+    rows = json.loads(run_cli("inspect", path, *args, "--json").stdout)["modules"]
+    adapter = load_adapter(path)
+    base_weights = load_file(str(LLAMA_BASE / "model.safetensors")) if base is not None else {}
+    for row in rows:
+        assert row["type"] == kind
+        module = adapter.structured[row["name"]]
+        weight = base_weights.get(row["name"] + ".weight")
+        formed = torch.linalg.svdvals(structured_delta(module, weight).double())
+        k = len(row["singular_values"])
+        torch.testing.assert_close(torch.tensor(row["singular_values"], dtype=torch.float64), formed[:k],
+                                   rtol=1e-4, atol=1e-6)
+        if kind == "DoRA":
+            assert row["dora"]["direction_change"] > 0

@@ -82,9 +82,11 @@ def extract_command(base: str, tuned: str, out: str, dtype: str | None, force: b
 @click.option("--metadata", "show_metadata", is_flag=True, help="Print all metadata and config, not a summary.")
 @click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
               help="Also write the spectra as a PNG (needs the plot extra: matplotlib).")
+@click.option("--base", type=click.Path(exists=True),
+              help="The base model: DoRA rows need it (ΔW = W' − W; shows ΔM and ΔD), flat LyCORIS convs get shapes.")
 @output_options
 def inspect_command(adapter: str, sort: str, pattern: str | None, top: int | None, show_metadata: bool,
-                    plot: str | None, output: Output) -> None:
+                    plot: str | None, base: str | None, output: Output) -> None:
     """Show an adapter's modules, ranks, scales and the exact spectrum of every ΔW.
 
     ADAPTER is a PEFT folder or file, a kohya file or a diffusers-style file. Spectra come from the factors
@@ -101,7 +103,8 @@ def inspect_command(adapter: str, sort: str, pattern: str | None, top: int | Non
     from loratools.inspection import inspect_adapter
 
     report = run(output, "inspect",
-                 lambda progress: inspect_adapter(adapter, sort=sort, pattern=pattern, top=top, progress=progress),
+                 lambda progress: inspect_adapter(adapter, sort=sort, pattern=pattern, top=top, base=base,
+                                                  progress=progress),
                  lambda result, quiet: show_inspect(result, quiet, show_metadata))
     if plot:
         from loratools.plot import plot_spectra

@@ -199,6 +199,4 @@ def peft_dora(name: str, delta: LoraModule, magnitude: torch.Tensor) -> DoraModu
     if magnitude.numel() != rows or not magnitude.is_floating_point():
         raise FormatError(f"{name}.lora_magnitude_vector has shape {tuple(magnitude.shape)}; this layer has {rows}"
                           " output channels: the adapter is corrupt")
-    if delta.kind == "embedding":
-        raise FormatError(f"{name}: DoRA on an embedding is not supported; leave it out or merge it with PEFT")
     return DoraModule(name, delta, magnitude.reshape(-1), True, "peft", 0.0)

@@ -128,6 +128,9 @@ def parse(
             continue
         try:
             delta = modules.pop(dotted)
+            if delta.kind == "embedding":  # PEFT's DoRA on embeddings normalises another axis: not read
+                unsupported[dotted] = "DoRA on an embedding"
+                continue
             structured[dotted] = lycoris_dora(stem, delta, magnitude) if fmt == "kohya" else peft_dora(
                 dotted, delta, magnitude)
         except FormatError as exc:
