@@ -250,3 +250,26 @@ def test_inspect_shows_the_type_and_exact_spectrum(path, base, kind):
                                    rtol=1e-4, atol=1e-6)
         if kind == "DoRA":
             assert row["dora"]["direction_change"] > 0
+
+
+@pytest.mark.parametrize("kind", ["loha", "dora"])
+def test_merge_command_equals_peft(tmp_path, kind):
+    run_cli("merge", LLAMA_BASE, FIXTURES / f"llama-{kind}-peft", "-o", tmp_path / "merged")
+    ours = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    merged = peft_merged(FIXTURES / f"llama-{kind}-peft")
+    for name in load_adapter(FIXTURES / f"llama-{kind}-peft").structured:
+        torch.testing.assert_close(ours[name + ".weight"], merged[name + ".weight"], rtol=1e-5, atol=1e-6)
+
+
+def test_merge_lycoris_loha_equals_lycoris_forward_delta(tmp_path):
+    """LyCORIS's forward adds get_weight() once (so do ComfyUI and A1111); its merge_to in 4.1.3 applies
+    alpha / r twice, which is not what any runtime does, so the judge is get_weight."""
+    run_cli("merge", SD_BASE, SD_LOHA, "-o", tmp_path / "m.safetensors", "-w", "0.5")
+    ours, base = load_file(str(tmp_path / "m.safetensors")), load_file(str(SD_BASE))
+    stems = {"lora_unet_down_blocks_0_resnets_0_conv1": "unet.down_blocks.0.resnets.0.conv1.weight",
+             "lora_te_text_model_encoder_layers_0_self_attn_q_proj":
+                 "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.weight"}
+    judge = lycoris_deltas(SD_LOHA)
+    for stem, tensor in stems.items():
+        delta = (ours[tensor] - base[tensor]).reshape(base[tensor].shape[0], -1)
+        torch.testing.assert_close(delta, 0.5 * judge[stem], rtol=1e-4, atol=1e-7)
