@@ -203,7 +203,7 @@ def verify_adapter(
     with open_checkpoint(base) as base_index, open_checkpoint(tuned) as tuned_index:
         targets, unmatched = _match(loaded, base_index, tuned_index)
         plan = plan_extract(base_index, tuned_index, selection=replace(selection, skip_mismatched=True))
-        report = VerifyReport([], unmatched=unmatched, unsupported=dict(loaded.unsupported), pairing=plan.pairing)
+        report = VerifyReport([], unmatched=unmatched, unsupported={**loaded.unsupported, **{n: f"{m.type_name} (not verified)" for n, m in loaded.structured.items()}}, pairing=plan.pairing)
         tensors = sorted([p.tensor for p in plan.pairs] + [w.tensor for w in plan.whole], key=natural_key)
         for done, tensor in enumerate(tensors, 1):
             if tensor in targets:
