@@ -24,7 +24,7 @@ from loratools.linalg import pooled_rel_error
 from loratools.matching import find_tensor, module_aliases, resolve_kohya_names
 from loratools.policies import RankPolicy, choose_rank, truncation_errors
 from loratools.progress import Progress
-from loratools.rsvd import SvdSettings, low_rank
+from loratools.rsvd import SvdSettings, compute_dtype, low_rank, svd_device
 from loratools.structured import numerical_rank
 from loratools.structured_modules import (
     DoraModule,
@@ -135,7 +135,7 @@ def _truncated(module: StructuredModule, delta: torch.Tensor | None, policy: Ran
     shape = module.matrix_shape
     if delta is None:  # LoHa / LoKr: exact spectrum from the structure
         assert not isinstance(module, DoraModule)
-        exact, method = module.svd(svd.dtype)
+        exact, method = module.svd(compute_dtype(svd))
         S = exact.S
         exact_rank = numerical_rank(S, shape)
         if policy is None:
@@ -159,7 +159,7 @@ def _truncated(module: StructuredModule, delta: torch.Tensor | None, policy: Ran
     left, right = best.factors()
     spectrum = best.S if best.complete else None
     if spectrum is None and min(shape) <= EXACT_SPECTRUM_LIMIT:
-        spectrum = torch.linalg.svdvals(delta.to(svd.dtype))
+        spectrum = torch.linalg.svdvals(delta.to(compute_dtype(svd)))
     dense_rank: int | None = None
     optimum: float | None = None
     if spectrum is not None:
@@ -199,14 +199,15 @@ def plain_lora(
         tensor = tensors.get(name)
         if tensor is not None and base is not None:
             module = with_base_shape(module, base.info(tensor).shape)
-        delta = true_delta(module, base, tensor, svd.dtype) if isinstance(module, DoraModule) else None
+        delta = (true_delta(module, base, tensor, compute_dtype(svd)).to(svd_device(svd))
+                 if isinstance(module, DoraModule) else None)
         left, right, layer = _truncated(module, delta, policy, svd)
         shape = module.base_shape
         if shape is None:
             flat.append(name)
             shape = module.matrix_shape
         kind = layer_kind(module) if module.base_shape is not None else "linear"
-        plain = LoraModule.from_lora_matrix_factors(name, left.float(), right.float(), kind, tuple(shape),
+        plain = LoraModule.from_lora_matrix_factors(name, left.float().cpu(), right.float().cpu(), kind, tuple(shape),
                                                     float(layer.rank))
         modules[name] = replace(plain, A=plain.A.contiguous(), B=plain.B.contiguous())
         layers.append(replace(layer, shape=tuple(shape)))

@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from loratools.adapter import LoraModule, base_layout
 from loratools.errors import ShapeError
+from loratools.lora_module import LoraModule, base_layout
 from loratools.structured import (
     ExactSvd,
     KronSvd,

@@ -14,8 +14,7 @@ from loratools.adapter import lora_matrix
 from loratools.adapter_files import load_adapter
 from loratools.errors import FormatError
 from loratools.structured_modules import LokrModule, structured_delta
-from tests.conftest import FIXTURES
-from tests.helpers import run_cli
+from tests.helpers import FIXTURES, run_cli
 
 lycoris = pytest.importorskip("lycoris", reason="lycoris-lora (dev extra) is the judge for LyCORIS files")
 peft = pytest.importorskip("peft")
