@@ -89,26 +89,43 @@ class ConvertReport:
                 "optimal_rel_error": self.optimal_rel_error, "notes": self.notes}
 
 
-def base_weights(adapter: Adapter, index: TensorIndex) -> dict[str, str]:
-    """Structured module name -> the base tensor it changes (names resolved like `matching.match_adapter`).
+def structured_targets(adapter: Adapter, index: TensorIndex) -> tuple[dict[str, tuple[str, StructuredModule]], dict[str, str]]:
+    """Each structured module matched to the base tensor it changes (names resolved like `matching.match_adapter`).
 
-    Raises:
-        ShapeError naming a module whose tensor is missing or has a shape the module cannot take.
+    Returns:
+        (module name -> (tensor name, the module with the tensor's shape), module name -> why it matches no
+        tensor: missing, or a shape the module cannot take). Kohya stems come back as the base's dotted names.
     """
     aliases = module_aliases(index)
-    found: dict[str, str] = {}
+    found: dict[str, tuple[str, StructuredModule]] = {}
+    unmatched: dict[str, str] = {}
     for name, module in resolve_kohya_names(adapter, index.tensors).structured.items():
         tensor = find_tensor(name + ".weight", index)
         if tensor is None and name in aliases:
             tensor = find_tensor(aliases[name] + ".weight", index)
         if tensor is None:
-            raise ShapeError(f"{name}: no tensor {name}.weight in {index.path}; is the adapter for this base model?")
+            unmatched[name] = f"no tensor {name}.weight in {index.path}; is the adapter for this base model?"
+            continue
         shape = index.info(tensor).shape
         if not fits(module, shape):
-            raise ShapeError(f"{name}: a {module.type_name} for a {module.matrix_shape[0]}×{module.matrix_shape[1]}"
-                             f" matrix, but {tensor} has shape {tuple(shape)}; the adapter was made for another model")
-        found[name] = tensor
-    return found
+            unmatched[name] = (f"a {module.type_name} for a {module.matrix_shape[0]}×{module.matrix_shape[1]}"
+                               f" matrix, but {tensor} has shape {tuple(shape)}; the adapter was made for another model")
+            continue
+        found[name] = (tensor, with_base_shape(module, shape))
+    return found, unmatched
+
+
+def base_weights(adapter: Adapter, index: TensorIndex) -> dict[str, str]:
+    """Structured module name -> the base tensor it changes (`structured_targets`).
+
+    Raises:
+        ShapeError naming the first module whose tensor is missing or has a shape the module cannot take.
+    """
+    found, unmatched = structured_targets(adapter, index)
+    if unmatched:
+        name, reason = next(iter(unmatched.items()))
+        raise ShapeError(f"{name}: {reason}")
+    return {name: tensor for name, (tensor, _) in found.items()}
 
 
 def _kohya_resolved(adapter: Adapter, index: TensorIndex | None) -> Adapter:

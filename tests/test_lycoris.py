@@ -272,3 +272,38 @@ def test_merge_lycoris_loha_equals_lycoris_forward_delta(tmp_path):
     for stem, tensor in stems.items():
         delta = (ours[tensor] - base[tensor]).reshape(base[tensor].shape[0], -1)
         torch.testing.assert_close(delta, 0.5 * judge[stem], rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
+def test_verify_with_a_structured_reference_equals_an_independent_computation(tmp_path, kind):
+    """verify BASE TUNED ADAPTER with a LoHa / LoKr / DoRA adapter: the fine-tune is PEFT's merge plus noise, so
+    the error is ‖noise‖-sized; judged by PEFT's merged ΔW and torch.linalg.svdvals of the fine-tune's ΔW."""
+    from loratools.options import SvdSettings
+    from loratools.verify import verify_adapter
+
+    adapter_dir = FIXTURES / f"llama-{kind}-peft"
+    merged = peft_merged(adapter_dir)
+    base = load_file(str(LLAMA_BASE / "model.safetensors"))
+    adapter = load_adapter(adapter_dir)
+    generator = torch.Generator().manual_seed(0)
+    tuned = dict(base)
+    for name in adapter.structured:
+        peft_delta = merged[name + ".weight"] - base[name + ".weight"]
+        noise = torch.randn(peft_delta.shape, generator=generator) * 0.2 * peft_delta.std()
+        tuned[name + ".weight"] = merged[name + ".weight"] + noise
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+
+    report = verify_adapter(LLAMA_BASE, tmp_path / "tuned.safetensors", adapter_dir, svd=SvdSettings(exact=True))
+    assert not report.unsupported and not report.unmatched and not report.uncovered
+    assert {layer.name for layer in report.layers} == set(adapter.structured)
+    config_rank = adapter.config["r"]
+    for layer in report.layers:
+        weight = base[layer.tensor].double()
+        fine_tune = tuned[layer.tensor].double() - weight
+        peft_delta = merged[layer.tensor].double() - weight
+        rank = config_rank if kind == "dora" else int(torch.linalg.matrix_rank(peft_delta, rtol=1e-4))
+        sigma = torch.linalg.svdvals(fine_tune)
+        assert layer.type == {"loha": "LoHa", "lokr": "LoKr", "dora": "DoRA"}[kind]
+        assert layer.rank == rank
+        assert layer.rel_error == pytest.approx(float((fine_tune - peft_delta).norm() / fine_tune.norm()), rel=1e-3)
+        assert layer.optimal_rel_error == pytest.approx(float(sigma[rank:].norm() / sigma.norm()), rel=1e-3, abs=1e-6)

@@ -271,13 +271,13 @@ def show_verify(report: VerifyReport, quiet: bool) -> None:
 def _verify_table(report: VerifyReport) -> Table:
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     table.add_column("layer", overflow="fold")
-    for title in ("kind", "shape", "rank", "‖ΔW‖_F", "rel error", "optimal", "× optimal"):
-        table.add_column(title, justify="left" if title in ("kind", "shape") else "right", no_wrap=True)
+    for title in ("type", "kind", "shape", "rank", "‖ΔW‖_F", "rel error", "optimal", "× optimal"):
+        table.add_column(title, justify="left" if title in ("type", "kind", "shape") else "right", no_wrap=True)
     for layer in report.layers:
         rel, optimal = layer.rel_error, layer.optimal_rel_error
         times = f"{rel / optimal:.2f}" if optimal > 1e-6 else "-"  # below that both are rounding noise
         rank = "full" if layer.rank is None else str(layer.rank)
-        table.add_row(layer.name, layer.kind, str(layer.shape), rank, f"{layer.delta_energy ** 0.5:.4g}",
+        table.add_row(layer.name, layer.type, layer.kind, str(layer.shape), rank, f"{layer.delta_energy ** 0.5:.4g}",
                       _fraction(rel), _fraction(optimal), times)
     return table
 
