@@ -20,6 +20,7 @@ import torch
 from loratools.adapter import Adapter, LoraModule, lora_matrix
 from loratools.checkpoint import TensorIndex
 from loratools.errors import FormatError, ShapeError
+from loratools.formats import KOHYA_PREFIXES
 from loratools.linalg import pooled_rel_error
 from loratools.matching import find_tensor, module_aliases, resolve_kohya_names
 from loratools.policies import RankPolicy, choose_rank, truncation_errors
@@ -224,9 +225,11 @@ def plain_lora(
             flat.append(name)
             shape = module.matrix_shape
         kind = layer_kind(module) if module.base_shape is not None else "linear"
-        plain = LoraModule.from_lora_matrix_factors(name, left.float().cpu(), right.float().cpu(), kind, tuple(shape),
-                                                    float(layer.rank))
-        modules[name] = replace(plain, A=plain.A.contiguous(), B=plain.B.contiguous())
+        # a kohya stem found through the base's aliases (a diffusers model folder) takes its module's dotted name
+        written = tensor.removesuffix(".weight") if tensor is not None and name.startswith(KOHYA_PREFIXES) else name
+        plain = LoraModule.from_lora_matrix_factors(written, left.float().cpu(), right.float().cpu(), kind,
+                                                    tuple(shape), float(layer.rank))
+        modules[written] = replace(plain, A=plain.A.contiguous(), B=plain.B.contiguous())
         layers.append(replace(layer, shape=tuple(shape)))
         if progress is not None:
             progress(done, len(adapter.structured), name)
