@@ -237,8 +237,18 @@ def plain_lora(
     if flat:
         notes.append(f"{len(flat)} module(s) store their factors flat (a linear layer and a flattened convolution"
                      " look the same): written as linear layers; pass --base to write convolutions as convolutions")
-    converted = replace(adapter, modules=modules, structured={})
+    converted = replace(adapter, modules=modules, structured={}, metadata=_plain_metadata(adapter.metadata))
     return converted, ConvertReport(layers, notes)
+
+
+def _plain_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """kohya metadata of a LyCORIS file, made true of the plain LoRA written from it: ``ss_network_module``
+    becomes kohya's LoRA network and the LyCORIS ``ss_network_args`` (algo = loha …) go."""
+    if not metadata.get("ss_network_module", "").startswith("lycoris"):
+        return metadata
+    plain = {key: value for key, value in metadata.items() if key != "ss_network_args"}
+    plain["ss_network_module"] = "networks.lora"
+    return plain
 
 
 def _rank_notes(layers: list[ConvertedLayer]) -> list[str]:

@@ -143,6 +143,11 @@ def test_loha_convert_at_full_rank_reproduces_delta(tmp_path):
     for name, module in converted.items():
         delta = lora_matrix(module.delta(), module.kind)
         assert float((delta - judge[name]).norm() / judge[name].norm()) < 1e-5, name
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as written:  # a plain LoRA now: no LyCORIS network or algo in its metadata
+        metadata = written.metadata()
+    assert metadata["ss_network_module"] == "networks.lora" and "ss_network_args" not in metadata
     conv = converted["lora_unet_down_blocks_0_resnets_0_conv1"]
     assert conv.kind == "conv2d" and tuple(conv.A.shape[1:]) == (8, 3, 3)
 
