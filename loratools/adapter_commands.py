@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from loratools.adapter import Adapter
@@ -29,6 +29,9 @@ from loratools.formats import KOHYA_PREFIXES, default_format, pipeline_names
 from loratools.matching import resolve_kohya_names
 from loratools.options import RankPolicy
 from loratools.progress import Progress
+from loratools.rsvd import SvdSettings
+from loratools.structured_convert import ConvertReport, plain_lora
+from loratools.structured_modules import DoraModule
 from loratools.writer import check_output, provenance, write_json
 
 PathLike = str | os.PathLike
@@ -46,6 +49,7 @@ class AdapterResult:
     layers: list[ModuleChange] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     format_reason: str = ""
+    conversion: ConvertReport | None = None
 
     @property
     def max_error(self) -> float:
@@ -62,6 +66,7 @@ class AdapterResult:
             "layers": [layer.to_json() for layer in self.layers],
             "notes": self.notes,
             "format_reason": self.format_reason,
+            **({"conversion": self.conversion.to_json()} if self.conversion is not None else {}),
         }
 
 
@@ -165,11 +170,17 @@ def resize(
     """
     if report is not None:
         check_output(report, [adapter, out], force)
-    loaded = load_usable(adapter)
-    resized, layers = resize_adapter(loaded, policy=policy, progress=progress)
+    loaded = load_usable(adapter, structured=True)
+    _refuse_dora_without_base(loaded, adapter, None)
+    resized, layers = resize_adapter(replace(loaded, structured={}), policy=policy, progress=progress)
+    conversion = None
+    if loaded.structured:  # LoHa / LoKr: the best plain LoRA at the policy (exact spectra)
+        converted, conversion = plain_lora(replace(loaded, modules={}), policy=policy, progress=progress)
+        resized = replace(resized, modules={**resized.modules, **converted.modules})
     metadata = provenance("resize", [adapter], {"policy": policy.describe()})
     result = _write(resized, out, chosen=_output_format(loaded, format), inputs=[adapter], force=force, dtype=dtype,
                     metadata=metadata, layers=layers)
+    result.conversion = conversion
     if report is not None:
         write_json(report, result.to_json(), inputs=[adapter, out], force=force)
     return result
@@ -184,22 +195,39 @@ def convert(
     base: PathLike | None = None,
     dtype: DType | None = None,
     force: bool = False,
+    policy: RankPolicy | None = None,
+    svd: SvdSettings = SvdSettings(),
+    progress: Progress | None = None,
 ) -> AdapterResult:
-    """Write the adapter in another format with identical deltas.
+    """Write the adapter in another format with identical deltas; LoHa, LoKr and DoRA modules become the best
+    plain LoRA at `policy` (`structured_convert.plain_lora`: default, each layer's exact rank up to 128), with
+    the error against the Eckart–Young optimum in ``result.conversion``.
 
     Args:
         format: "peft", "kohya" or "diffusers".
         prefix: kohya key prefix (default: chosen from each module's namespace).
         base: the model the adapter is for; resolves kohya stems to the dotted module names PEFT and diffusers
             need, and gives kohya / diffusers keys the base's diffusers pipeline names (`pipeline_names`).
+            Required for DoRA (its ΔW = W' − W depends on W).
+        policy: rank policy for LoHa / LoKr / DoRA modules (plain LoRA modules are copied as they are).
+        svd: how a DoRA ΔW is factored (`rsvd.SvdSettings`).
     """
     check_format(format)
-    loaded = load_usable(adapter)
+    loaded = load_usable(adapter, structured=True)
+    if policy is not None and not loaded.structured:
+        raise FormatError(f"{adapter}: rank options apply to LoHa / LoKr / DoRA modules and this adapter has none;"
+                          " use `loratools resize` to change a LoRA's rank")
+    _refuse_dora_without_base(loaded, adapter, base)
     names = None
+    conversion = None
+    if loaded.structured and base is None:
+        loaded, conversion = plain_lora(loaded, policy=policy, svd=svd, progress=progress)
     if base is not None:
         with open_checkpoint(base) as index:
             loaded = resolve_kohya_names(loaded, index.tensors)
             names = pipeline_names(list(index.tensors), index.config)
+            if loaded.structured:
+                loaded, conversion = plain_lora(loaded, policy=policy, base=index, svd=svd, progress=progress)
     stems = sorted(n for n in loaded.modules if n.startswith(KOHYA_PREFIXES))
     if format in ("peft", "diffusers") and stems:
         where = f"match no tensor of {base}" if base is not None else "need the model to be resolved"
@@ -207,6 +235,18 @@ def convert(
             f"{adapter}: {len(stems)} kohya module name(s) {where} ({', '.join(stems[:3])}"
             f"{' ...' if len(stems) > 3 else ''}); pass --base with the model the adapter was made for"
         )
-    metadata = provenance("convert", [adapter], {"format": format, "prefix": prefix})
-    return _write(loaded, out, chosen=_output_format(loaded, format), inputs=[adapter], force=force, dtype=dtype,
-                  metadata=metadata, prefix=prefix, names=names)
+    metadata = provenance("convert", [adapter], {"format": format, "prefix": prefix,
+                                                 "policy": policy.describe() if policy else None})
+    result = _write(loaded, out, chosen=_output_format(loaded, format), inputs=[adapter], force=force, dtype=dtype,
+                    metadata=metadata, prefix=prefix, names=names)
+    result.conversion = conversion
+    return result
+
+
+def _refuse_dora_without_base(adapter: Adapter, path: PathLike, base: PathLike | None) -> None:
+    """FormatError (one line) when `adapter` has DoRA modules and no base model is given."""
+    dora = sorted(n for n, m in adapter.structured.items() if isinstance(m, DoraModule))
+    if dora and base is None:
+        raise FormatError(f"{path}: {len(dora)} DoRA module(s) (e.g. {dora[0]}): a DoRA delta is W' − W, which"
+                          " depends on the base weight W; pass --base with the model the adapter was trained on"
+                          " (use `loratools convert`)")

@@ -76,14 +76,19 @@ def load_adapter(path: str | os.PathLike, *, format: str | None = None) -> Adapt
         state = {name: index.get(name) for name in index}
         metadata = index.metadata
     adapter = parse(state, format=format, config=config, metadata=metadata, source=str(path))
-    if adapter.format == "peft" and "lora_alpha" not in adapter.config:
+    if adapter.format == "peft" and adapter.modules and "lora_alpha" not in adapter.config:
         adapter.notes.append("no adapter_config.json: alpha = rank assumed (scale 1.0)")
     return adapter
 
 
-def load_usable(path: str | os.PathLike) -> Adapter:
-    """`load_adapter`, refusing adapters with modules of an unsupported type (an operation would drop them)."""
+def load_usable(path: str | os.PathLike, *, structured: bool = False) -> Adapter:
+    """`load_adapter`, refusing adapters with modules of an unsupported type (an operation would drop them), and
+    LoHa / LoKr / DoRA modules unless `structured` (the caller handles them)."""
     adapter = load_adapter(path)
+    if adapter.structured and not structured:
+        kinds = sorted({m.type_name for m in adapter.structured.values()})
+        raise FormatError(f"{path}: {len(adapter.structured)} {'/'.join(kinds)} module(s), which this command takes"
+                          " only as plain LoRA: turn them into LoRA first with `loratools convert` (or `merge` them)")
     if adapter.unsupported:
         kinds = sorted(set(adapter.unsupported.values()))
         names = ", ".join(sorted(adapter.unsupported)[:4]) + (" ..." if len(adapter.unsupported) > 4 else "")

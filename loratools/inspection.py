@@ -14,17 +14,22 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from loratools.adapter import Adapter, LoraModule
+from loratools.adapter import Adapter, LoraModule, lora_matrix
 from loratools.adapter_files import adapter_weights_path, load_adapter
+from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import LoratoolsError
+from loratools.matching import resolve_kohya_names
 from loratools.names import natural_key
 from loratools.progress import Progress
 from loratools.spectral import SpectrumStats, module_singular_values, spectrum_stats
+from loratools.structured import DoraChange, dora_change, numerical_rank
+from loratools.structured_convert import base_weights, true_delta
+from loratools.structured_modules import DoraModule, StructuredModule, layer_kind, with_base_shape
 from loratools.writer import PROVENANCE_KEYS
 
 SORTS = ("name", "norm", "rank")
@@ -74,11 +79,20 @@ class ModuleReport:
     scale: float
     singular_values: torch.Tensor
     stats: SpectrumStats
+    type: str = "LoRA"
+    method: str = "factors"
+    exact_rank: int | None = None
+    dora: DoraChange | None = None
 
     def to_json(self) -> dict:
-        """The documented JSON row: name, kind, shape, rank, alpha, scale, norm, singular_values, and stats."""
+        """The documented JSON row: name, type, kind, shape, rank, alpha, scale, norm, singular_values, stats;
+        for LoHa / LoKr / DoRA also method (how the spectrum was taken), exact_rank and (DoRA) dora."""
+        extra = {} if self.type == "LoRA" else {"method": self.method, "exact_rank": self.exact_rank,
+                                                  "dora": asdict(self.dora) if self.dora is not None else None}
         return {
             "name": self.name,
+            "type": self.type,
+            **extra,
             "kind": self.kind,
             "shape": list(self.shape),
             "rank": self.rank,
@@ -176,6 +190,32 @@ def inspect_module(module: LoraModule) -> ModuleReport:
     )
 
 
+def inspect_structured(module: StructuredModule, base: TensorIndex | None = None,
+                       tensor: str | None = None) -> ModuleReport:
+    """The row of a LoHa / LoKr / DoRA module: the exact spectrum of its true ΔW (LoKr from the Kronecker factors,
+    LoHa from the r₁r₂-wide Hadamard factors or formed, DoRA formed from the base weight, which it needs: without
+    `base` a DoRA row has an empty spectrum and method ``needs --base``)."""
+    shape = module.base_shape or module.matrix_shape
+    dora = None
+    if isinstance(module, DoraModule):
+        if base is None or tensor is None:
+            s, method = torch.zeros(0), "needs --base"
+        else:
+            weight = lora_matrix(base.get(tensor).float(), layer_kind(module))
+            delta = true_delta(module, base, tensor)
+            s, method = torch.linalg.svdvals(delta), "formed"
+            per_channel = 1 if module.per_row else module.matrix_shape[1] // module.magnitude.numel()
+            dora = dora_change(weight, weight + delta, per_row=module.per_row, columns_per_channel=per_channel)
+    else:
+        exact, method = module.svd()
+        s = exact.S.float()
+    exact_rank = numerical_rank(s, module.matrix_shape) if len(s) else None
+    return ModuleReport(name=module.name, kind=layer_kind(module) if module.base_shape is not None else "matrix",
+                        shape=tuple(shape), rank=module.rank, alpha=module.alpha, scale=module.scale,
+                        singular_values=s, stats=spectrum_stats(s, max(module.rank, 1)), type=module.type_name,
+                        method=method, exact_rank=exact_rank, dora=dora)
+
+
 def _uniform(values: list[float]) -> float | None:
     return values[0] if values and all(v == values[0] for v in values) else None
 
@@ -191,6 +231,7 @@ def inspect_adapter(
     sort: str = "name",
     pattern: str | None = None,
     top: int | None = None,
+    base: str | os.PathLike | None = None,
     progress: Progress | None = None,
 ) -> InspectReport:
     """Describe an adapter (PEFT folder or file, kohya or diffusers-style file, or an Adapter) module by module.
@@ -199,6 +240,8 @@ def inspect_adapter(
         sort: "name" (natural order), "norm" or "rank" (both descending).
         pattern: a regex; only modules whose name it matches (``re.search``) get rows.
         top: keep the first `top` rows after sorting.
+        base: the base model; DoRA rows need it (their ΔW = W' − W), and it gives flat LoHa / LoKr factors their
+            layer shapes.
         progress: called as ``progress(done, total, module_name)`` after each module.
     Returns:
         An InspectReport; each row's spectrum is exact ((k,) with k = min(rank, out, in)).
@@ -215,21 +258,33 @@ def inspect_adapter(
         adapter, name, size = source, "adapter", None
     else:
         adapter, name, size = load_adapter(source), str(source), _file_size(Path(source))
-    selected = list(adapter.modules.values())
+    if base is None:
+        return _report(adapter, name, size, None, sort=sort, pattern=pattern, top=top, progress=progress)
+    with open_checkpoint(base) as index:
+        adapter = resolve_kohya_names(adapter, index.tensors)
+        return _report(adapter, name, size, index, sort=sort, pattern=pattern, top=top, progress=progress)
+
+
+def _report(adapter: Adapter, name: str, size: int | None, index: TensorIndex | None, *, sort: str,
+            pattern: str | None, top: int | None, progress: Progress | None) -> InspectReport:
+    tensors = base_weights(adapter, index) if index is not None and adapter.structured else {}
+    structured = {n: with_base_shape(m, index.info(tensors[n]).shape) if index is not None and n in tensors else m
+                  for n, m in adapter.structured.items()}
+    selected: list[LoraModule | StructuredModule] = [*adapter.modules.values(), *structured.values()]
+    total = len(selected)
     if pattern is not None:
         try:
             regex = re.compile(pattern)
         except re.error as exc:
             raise LoratoolsError(f"--filter {pattern!r} is not a valid regular expression ({exc})") from None
+        every = [m.name for m in selected]
         selected = [m for m in selected if regex.search(m.name)]
-        if not selected and adapter.modules:
-            example = next(iter(adapter.modules))
-            raise LoratoolsError(
-                f"--filter {pattern!r} matches none of the {len(adapter.modules)} modules (e.g. {example!r})"
-            )
+        if not selected and every:
+            raise LoratoolsError(f"--filter {pattern!r} matches none of the {total} modules (e.g. {every[0]!r})")
     rows = []
     for done, module in enumerate(selected, 1):
-        rows.append(inspect_module(module))
+        rows.append(inspect_module(module) if isinstance(module, LoraModule)
+                    else inspect_structured(module, index, tensors.get(module.name)))
         if progress is not None:
             progress(done, len(selected), module.name)
     rows.sort(key=lambda m: natural_key(m.name))
@@ -237,8 +292,9 @@ def inspect_adapter(
         rows.sort(key=lambda m: -m.stats.norm)
     elif sort == "rank":
         rows.sort(key=lambda m: -m.rank)
-    modules = list(adapter.modules.values())
-    dtypes = sorted({str(t.dtype).removeprefix("torch.") for m in modules for t in (m.A, m.B)})
+    modules: list[LoraModule | StructuredModule] = [*adapter.modules.values(), *adapter.structured.values()]
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for m in adapter.modules.values() for t in (m.A, m.B)}
+                    | {str(t.dtype).removeprefix("torch.") for m in adapter.structured.values() for t in m.tensors()})
     return InspectReport(
         source=name,
         format=adapter.format,

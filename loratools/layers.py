@@ -12,16 +12,19 @@ from __future__ import annotations
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # exceptions, the progress callback, the version, tensor-name patterns, the option dataclasses, silencing
     ("foundation", ("errors", "progress", "version", "names", "options", "layers", "silence")),
-    # Frobenius energies and factored SVDs, the dtype convention, rank policies and Eckart–Young errors
-    ("math", ("linalg", "dtypes", "policies")),
-    # the adapter data model; lazy checkpoint reading (headers, one tensor at a time); hub ids to cached folders
-    ("data", ("adapter", "checkpoint", "hub")),
+    # Frobenius energies and factored SVDs, the dtype convention, rank policies and Eckart–Young errors; exact
+    # LoHa / LoKr / DoRA delta math
+    ("math", ("linalg", "dtypes", "policies", "structured")),
+    # plain and structured (LoHa, LoKr, DoRA) modules; the adapter data model; lazy checkpoint reading; hub ids
+    # to cached folders
+    ("data", ("lora_module", "structured_modules", "adapter", "checkpoint", "hub")),
     # randomized SVD and low_rank; spectrum statistics
     ("algorithms", ("rsvd", "spectral")),
     # adapter key formats (one module per format); atomic writes and provenance; which tensors become which ops
     ("formats and io", ("formats", "formats.*", "writer", "plan")),
-    # adapter files in and out; adapter math on factors; ΔW streaming; adapter module <-> checkpoint tensor
-    ("adapter operations", ("adapter_files", "algebra", "deltas", "matching")),
+    # adapter files in and out; adapter math on factors; ΔW streaming; adapter module <-> checkpoint tensor;
+    # structured modules as plain LoRA
+    ("adapter operations", ("adapter_files", "algebra", "deltas", "matching", "structured_convert")),
     # one module per command family: each opens its inputs, calls the layers below, writes, returns a result
     ("commands", ("extraction", "spectrum", "verify", "inspection", "merging", "adapter_commands", "plot")),
     # many fine-tunes of one base through extraction's per-pair steps; their Ray executor (ray imported only here)

@@ -13,6 +13,8 @@ Decisions:
 - Adapter modules are matched to base tensors by `matching.match_adapter` (kohya stems resolved first).
 - A full (``modules_to_save``) tensor with weight w contributes w·(full − W): weight 1 replaces the tensor.
 - A linear LoRA on a 1×1 convolution (out, in, 1, 1) is applied as that convolution's delta.
+- LoHa / LoKr add w·ΔW (as LyCORIS's forward, ComfyUI and PEFT do); DoRA is applied to the base weight W the way
+  its runtime merges it (PEFT: m·(W + w·ΔW)/‖W + w·ΔW‖; LyCORIS: (W + ΔW)·(w·(m/‖W + ΔW‖ − 1) + 1)).
 """
 
 from __future__ import annotations
@@ -21,20 +23,22 @@ import json
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
-from loratools.adapter import Adapter
+from loratools.adapter import Adapter, lora_matrix
 from loratools.adapter_files import load_usable
 from loratools.algebra import adapter_weights
 from loratools.checkpoint import BIN_INDEX, SAFETENSORS_INDEX, TensorIndex, open_checkpoint
 from loratools.dtypes import DType, accumulation_dtype, dtype_name, resolve_dtype
 from loratools.errors import CheckpointError, LoratoolsError, ShapeError
-from loratools.matching import Target, match_adapter
+from loratools.matching import Target, match_adapter, resolve_kohya_names
 from loratools.names import short_list
 from loratools.progress import Progress
+from loratools.structured_convert import base_weights
+from loratools.structured_modules import StructuredModule, as_base_layout, layer_kind, structured_delta, with_base_shape
 from loratools.writer import (
     TensorSpec,
     atomic_output,
@@ -76,6 +80,7 @@ class Contribution:
 
     weight: float
     target: Target
+    structured: StructuredModule | None = None
 
 
 def plan_merge(
@@ -91,8 +96,12 @@ def plan_merge(
     weights = adapter_weights(len(adapters), weights)
     ops: dict[str, list[Contribution]] = {}
     for source, weight in zip(adapters, weights, strict=True):
-        adapter = source if isinstance(source, Adapter) else load_usable(source)
-        match = match_adapter(adapter, index)
+        adapter = source if isinstance(source, Adapter) else load_usable(source, structured=True)
+        adapter = resolve_kohya_names(adapter, index.tensors)
+        for name, tensor in base_weights(adapter, index).items():  # LoHa / LoKr / DoRA, as their loaders merge
+            module = with_base_shape(adapter.structured[name], index.info(tensor).shape)
+            ops.setdefault(tensor, []).append(Contribution(weight, Target(tensor, name), module))
+        match = match_adapter(replace(adapter, structured={}), index)
         if match.misfit:
             name, why = next(iter(match.misfit.items()))
             raise ShapeError(f"{source}: {name} is {why}; the adapter was made for another model"
@@ -122,6 +131,12 @@ def apply_ops(weight: torch.Tensor, ops: Sequence[Contribution]) -> torch.Tensor
     acc = weight.to(dtype, copy=True)
     touched = False
     for op in ops:
+        if op.structured is not None:  # DoRA normalises the base weight W (not a sum with other adapters)
+            matrix = lora_matrix(weight.to(dtype), layer_kind(op.structured))
+            delta = structured_delta(op.structured, matrix, op.weight, dtype)
+            acc += as_base_layout(delta, op.structured).reshape(acc.shape)
+            touched = True
+            continue
         full, module = op.target.full, op.target.module
         if full is not None:
             if op.weight == 1 and not touched:

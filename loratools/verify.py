@@ -14,6 +14,10 @@ Decisions:
 - Modules are matched to base tensors by `matching.match_adapter` (kohya stems resolved first).
 - Full tensors (PEFT ``modules_to_save``) replace the base tensor; a LoRA on the same tensor adds to the
   replacement. Their optimal error is 0 (no rank limit) and their rank is None.
+- LoHa, LoKr and DoRA modules (`Adapter.structured`) are checked with their true ΔW (`structured_modules`; DoRA's
+  from the base weight). Their "same rank" is the exact rank of that ΔW for LoHa / LoKr (what a plain LoRA needs
+  to hold it), and for DoRA the rank of its direction update (a DoRA ΔW is full rank in general, so its error
+  can fall below that optimum: the magnitude vector buys it).
 - Overall errors weight layers by ‖ΔW‖²_F: √(Σ residual² / Σ ‖ΔW‖²_F) (`linalg.pooled_rel_error`).
 """
 
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from loratools.adapter import Adapter, lora_matrix
+from loratools.adapter import Adapter, LoraModule, lora_matrix
 from loratools.adapter_files import load_adapter
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.deltas import TensorChange, non_finite_error, tensor_change
@@ -37,6 +41,9 @@ from loratools.options import RankPolicy, Selection, SvdSettings
 from loratools.plan import Pairing, plan_extract
 from loratools.progress import Progress
 from loratools.rsvd import low_rank, svd_device
+from loratools.structured import numerical_rank
+from loratools.structured_convert import structured_targets
+from loratools.structured_modules import DoraModule, StructuredModule, layer_kind, structured_delta
 
 
 @dataclass
@@ -47,7 +54,9 @@ class LayerCheck:
         name: the module name (the full tensor's name for a full-only replacement).
         tensor: the checkpoint tensor it changes.
         kind: the module kind, or "full" for a full replacement.
-        rank: the module's rank (None for a full replacement).
+        rank: the module's rank (None for a full replacement); for LoHa / LoKr / DoRA the rank of the optimum
+            (see the module docstring).
+        type: LoRA, LoHa, LoKr, DoRA, LoHa+DoRA … ("full" for a full replacement).
         delta_energy: ‖ΔW‖²_F; residual_energy: ‖ΔW − predicted ΔW‖²_F; optimal_energy: Eckart–Young residual.
     """
 
@@ -59,6 +68,7 @@ class LayerCheck:
     delta_energy: float
     residual_energy: float
     optimal_energy: float
+    type: str = "LoRA"
 
     @property
     def rel_error(self) -> float:
@@ -75,6 +85,7 @@ class LayerCheck:
             "name": self.name,
             "tensor": self.tensor,
             "kind": self.kind,
+            "type": self.type,
             "shape": list(self.shape),
             "rank": self.rank,
             "rel_error": _finite(self.rel_error),
@@ -99,7 +110,7 @@ class VerifyReport:
         layers: matched tensors, in natural name order (``layers.2`` before ``layers.10``).
         uncovered: tensors that differ between base and tuned but nothing in the adapter touches.
         unmatched: adapter module or full-tensor name -> why it matches no tensor.
-        unsupported: recognised adapter modules of a type not verified (LoHa, DoRA, ...), name -> type.
+        unsupported: recognised adapter modules of a type not verified (GLoRA, OFT, ...), name -> type.
         pairing: names in one checkpoint only, and shape mismatches.
         unchanged: number of tensors equal in base and tuned and untouched by the adapter.
     """
@@ -154,6 +165,21 @@ def _match(adapter: Adapter, base: TensorIndex, tuned: TensorIndex) -> tuple[dic
     return targets, unmatched
 
 
+def _match_structured(adapter: Adapter, base: TensorIndex, tuned: TensorIndex
+                      ) -> tuple[dict[str, tuple[str, str, StructuredModule]], dict[str, str]]:
+    """Tensor -> (module name, tensor, module) for the adapter's LoHa / LoKr / DoRA modules; and the unmatched."""
+    found, unmatched = structured_targets(adapter, base)
+    targets = {}
+    for name, (tensor, module) in found.items():
+        if tensor not in tuned:
+            unmatched[name] = f"{tensor} is not in {tuned.path}"
+        elif base.info(tensor).shape != tuned.info(tensor).shape:
+            unmatched[name] = f"{tensor} has shape {base.info(tensor).shape} in base, {tuned.info(tensor).shape} in tuned"
+        else:
+            targets[tensor] = (name, tensor, module)
+    return targets, unmatched
+
+
 def _check(target: Target, base: torch.Tensor, tuned: torch.Tensor, svd: SvdSettings) -> LayerCheck:
     module, full, name, tensor = target.module, target.full, target.name, target.tensor
     delta = tuned.float() - base.float()
@@ -161,7 +187,8 @@ def _check(target: Target, base: torch.Tensor, tuned: torch.Tensor, svd: SvdSett
     shape = tuple(delta.shape)
     remainder = tuned.float() - full.to(tuned.device).float() if full is not None else delta
     if module is None:
-        return LayerCheck(name, tensor, kind, shape, None, frobenius_energy(delta), frobenius_energy(remainder), 0.0)
+        return LayerCheck(name, tensor, kind, shape, None, frobenius_energy(delta), frobenius_energy(remainder), 0.0,
+                          "full")
     b, a = (factor.to(delta.device) for factor in module.factors(torch.float32))
     matrix = lora_matrix(delta, kind)
     total = frobenius_energy(matrix)
@@ -172,6 +199,32 @@ def _check(target: Target, base: torch.Tensor, tuned: torch.Tensor, svd: SvdSett
         best = low_rank(matrix, RankPolicy("rank", module.rank), settings=svd.for_layer(name), total_energy=total)
         optimal = best.rel_error**2 * total
     return LayerCheck(name, tensor, kind, shape, module.rank if full is None else None, total, residual, optimal)
+
+
+def _structured_rank(module: StructuredModule, shape: tuple[int, int]) -> int:
+    """The rank of the optimum a structured module is compared with (see the module docstring)."""
+    inner = module.delta if isinstance(module, DoraModule) else module
+    if isinstance(inner, LoraModule):
+        return inner.rank
+    exact, _ = inner.svd(torch.float64)
+    return numerical_rank(exact.S, shape)
+
+
+def _check_structured(name: str, tensor: str, module: StructuredModule, base: torch.Tensor, tuned: torch.Tensor,
+                      svd: SvdSettings) -> LayerCheck:
+    """A LoHa / LoKr / DoRA module against ΔW = tuned − base: its true ΔW, computed on the CPU in float64."""
+    kind = layer_kind(module)
+    delta = lora_matrix(tuned.double() - base.double(), kind)
+    weight = lora_matrix(base.double(), kind).cpu()
+    predicted = structured_delta(module, weight, dtype=torch.float64).to(delta.device)
+    total = frobenius_energy(delta)
+    rank = _structured_rank(module, module.matrix_shape)
+    optimal = 0.0
+    if total > 0:
+        best = low_rank(delta, RankPolicy("rank", rank), settings=svd.for_layer(name), total_energy=total)
+        optimal = best.rel_error**2 * total
+    return LayerCheck(name, tensor, kind, tuple(base.shape), rank, total, frobenius_energy(delta - predicted), optimal,
+                      module.type_name)
 
 
 def verify_adapter(
@@ -202,15 +255,20 @@ def verify_adapter(
     device = svd_device(svd)
     with open_checkpoint(base) as base_index, open_checkpoint(tuned) as tuned_index:
         targets, unmatched = _match(loaded, base_index, tuned_index)
+        structured, unmatched_structured = _match_structured(loaded, base_index, tuned_index)
         plan = plan_extract(base_index, tuned_index, selection=replace(selection, skip_mismatched=True))
-        report = VerifyReport([], unmatched=unmatched, unsupported=dict(loaded.unsupported), pairing=plan.pairing)
+        report = VerifyReport([], unmatched={**unmatched, **unmatched_structured}, unsupported=dict(loaded.unsupported),
+                              pairing=plan.pairing)
         tensors = sorted([p.tensor for p in plan.pairs] + [w.tensor for w in plan.whole], key=natural_key)
         for done, tensor in enumerate(tensors, 1):
-            if tensor in targets:
+            if tensor in targets or tensor in structured:
                 b, t = base_index.get(tensor).to(device), tuned_index.get(tensor).to(device)
                 if not bool(torch.isfinite(b).all() and torch.isfinite(t).all()):
                     raise non_finite_error(tensor, base_index, tuned_index)
-                layer = _check(targets[tensor], b, t, svd)
+                if tensor in targets:
+                    layer = _check(targets[tensor], b, t, svd)
+                else:
+                    layer = _check_structured(*structured[tensor], b, t, svd)
                 if not math.isfinite(layer.residual_energy):
                     raise FormatError(f"{layer.name}: the adapter's factors hold non-finite values (nan or inf)")
                 report.layers.append(layer)

@@ -154,26 +154,29 @@ def test_unsupported_types_are_named_not_crashing():
     state = {
         "lora_unet_x.lora_down.weight": a,
         "lora_unet_x.lora_up.weight": b,
-        "lora_unet_y.hada_w1_a": a,
-        "lora_unet_y.hada_w1_b": b,
+        "lora_unet_y.a1.weight": a,
+        "lora_unet_y.b1.weight": b,
         "lora_unet_y.alpha": torch.tensor(1.0),
-        "lora_unet_z.lokr_w1": a,
+        "lora_unet_z.oft_blocks": torch.ones(2, 2, 2),
     }
     adapter = parse(state)
     assert set(adapter.modules) == {"lora_unet_x"}
-    assert adapter.unsupported == {"lora_unet_y": "LoHa", "lora_unet_z": "LoKr"}
+    assert adapter.unsupported == {"lora_unet_y": "GLoRA", "lora_unet_z": "OFT (diag-oft)"}
     assert any("unsupported" in note for note in adapter.notes)
 
 
-def test_dora_module_is_unsupported():
+def test_loha_lokr_and_dora_are_read_as_structured_modules():
     a, b = lora_pair()
     state = {
-        "base_model.model.q.lora_A.weight": a,
-        "base_model.model.q.lora_B.weight": b,
-        "base_model.model.q.lora_magnitude_vector": torch.ones(4),
+        "lora_unet_y.hada_w1_a": b, "lora_unet_y.hada_w1_b": a, "lora_unet_y.hada_w2_a": b, "lora_unet_y.hada_w2_b": a,
+        "lora_unet_y.alpha": torch.tensor(1.0),
+        "lora_unet_z.lokr_w1": torch.ones(2, 2), "lora_unet_z.lokr_w2": torch.ones(3, 4),
     }
-    adapter = parse(state, config={"lora_alpha": 2, "r": 2})
-    assert adapter.modules == {} and adapter.unsupported == {"q": "DoRA magnitude"}
+    adapter = parse(state)
+    assert {n: m.type_name for n, m in adapter.structured.items()} == {"lora_unet_y": "LoHa", "lora_unet_z": "LoKr"}
+    dora = parse({"base_model.model.q.lora_A.weight": a, "base_model.model.q.lora_B.weight": b,
+                  "base_model.model.q.lora_magnitude_vector": torch.ones(b.shape[0])}, config={"lora_alpha": 2, "r": 2})
+    assert dora.modules == {} and dora.structured["q"].type_name == "DoRA"
 
 
 def test_missing_kohya_alpha_means_scale_one():

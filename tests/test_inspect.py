@@ -102,7 +102,7 @@ def test_sort_filter_top():
         inspect_adapter(LLAMA_PEFT, pattern="(")
 
 
-def test_unsupported_modules_are_reported_not_a_crash(tmp_path):
+def test_lycoris_modules_get_rows_with_their_type(tmp_path):
     state = load_file(str(SD_KOHYA))
     metadata = {"ss_network_module": "lycoris.kohya"}
     loha = "lora_unet_mid_block_attentions_0_proj_out"
@@ -112,19 +112,20 @@ def test_unsupported_modules_are_reported_not_a_crash(tmp_path):
     path = tmp_path / "mixed.safetensors"
     save_file(state, str(path), metadata)
     report = inspect_adapter(path)
-    assert report.unsupported == {loha: "LoHa"}
-    assert report.num_modules == 4
-    out = run_cli("inspect", path).output
-    assert loha in out and "LoHa" in out
+    assert report.unsupported == {} and report.num_modules == 5
+    assert {m.name: m.type for m in report.modules}[loha] == "LoHa"
+    assert "LoHa" in run_cli("inspect", path).output
+    rows = json.loads(run_cli("inspect", path, "--json").stdout)["modules"]
+    assert {row["name"]: row["type"] for row in rows}[loha] == "LoHa"
 
 
-def test_dora_adapter_from_peft_is_reported(tmp_path):
+def test_dora_adapter_from_peft_needs_the_base(tmp_path):
     folder, _ = peft_adapter(tmp_path, r=4, lora_alpha=8, use_dora=True)
     report = inspect_adapter(folder)
-    assert report.unsupported and set(report.unsupported.values()) == {"DoRA magnitude"}
-    assert "model.layers.0.self_attn.q_proj" in report.unsupported
+    q = next(m for m in report.modules if m.name == "model.layers.0.self_attn.q_proj")
+    assert q.type == "DoRA" and q.method == "needs --base" and len(q.singular_values) == 0
     data = json.loads(run_cli("inspect", folder, "--json").stdout)
-    assert data["summary"]["unsupported"] == report.unsupported
+    assert {row["type"] for row in data["modules"]} >= {"DoRA"}
 
 
 def test_cli_table_and_metadata():

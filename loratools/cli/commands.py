@@ -97,9 +97,11 @@ def extract_command(base: str, tuned: tuple[str, ...], out: str, dtype: str | No
 @click.option("--metadata", "show_metadata", is_flag=True, help="Print all metadata and config, not a summary.")
 @click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
               help="Also write the spectra as a PNG (needs the plot extra: matplotlib).")
+@click.option("--base", type=click.Path(exists=True),
+              help="The base model: DoRA rows need it (ΔW = W' − W; shows ΔM and ΔD), flat LyCORIS convs get shapes.")
 @output_options
 def inspect_command(adapter: str, sort: str, pattern: str | None, top: int | None, show_metadata: bool,
-                    plot: str | None, output: Output) -> None:
+                    plot: str | None, base: str | None, output: Output) -> None:
     """Show an adapter's modules, ranks, scales and the exact spectrum of every ΔW.
 
     ADAPTER is a PEFT folder or file, a kohya file or a diffusers-style file. Spectra come from the factors
@@ -116,7 +118,8 @@ def inspect_command(adapter: str, sort: str, pattern: str | None, top: int | Non
     from loratools.inspection import inspect_adapter
 
     report = run(output, "inspect",
-                 lambda progress: inspect_adapter(adapter, sort=sort, pattern=pattern, top=top, progress=progress),
+                 lambda progress: inspect_adapter(adapter, sort=sort, pattern=pattern, top=top, base=base,
+                                                  progress=progress),
                  lambda result, quiet: show_inspect(result, quiet, show_metadata))
     if plot:
         from loratools.plot import plot_spectra
@@ -312,11 +315,12 @@ def resize_command(adapter: str, out: str, dtype: str | None, force: bool, polic
       loratools resize fixtures/sd-lora-kohya.safetensors -o out/sd-e.safetensors --energy 0.99 --report r.json
     """
     from loratools.adapter_commands import resize
+    from loratools.cli.render_structured import show_converted
 
     title = "resize: relative Frobenius error per layer (optimal for its rank)"
     run(output, "resize", lambda progress: resize(
         adapter, out, policy=policy, format=fmt, dtype=dtype, force=force, report=report, progress=progress,
-    ), lambda result, quiet: show_written(result, quiet, title))
+    ), lambda result, quiet: show_converted(result, quiet, title))
 
 
 @cli.command("convert")
@@ -324,14 +328,21 @@ def resize_command(adapter: str, out: str, dtype: str | None, force: bool, polic
 @write_options()
 @click.option("--format", "fmt", type=FORMAT_CHOICE, required=True, help="Output format.")
 @click.option("--prefix", help="kohya key prefix, e.g. lora_unet_ (default: from each module's namespace).")
-@click.option("--base", type=click.Path(exists=True), help="The model the adapter is for (resolves kohya names).")
+@click.option("--base", type=click.Path(exists=True),
+              help="The model the adapter is for (resolves kohya names; required for DoRA).")
+@rank_policy_options(default_rank=None, required=False)
+@svd_options
 @output_options
 def convert_command(adapter: str, out: str, dtype: str | None, force: bool, fmt: str, prefix: str | None,
-                    base: str | None, output: Output) -> None:
+                    base: str | None, policy: RankPolicy | None, svd: SvdSettings, output: Output) -> None:
     """Convert an adapter between PEFT, kohya and diffusers formats; the deltas stay identical.
 
     kohya → PEFT or diffusers needs dotted module names: files written by loratools carry them, others need
     --base. With --base, kohya and diffusers keys get the base's diffusers pipeline names.
+
+    LoHa, LoKr (LyCORIS or PEFT) and DoRA modules become the best plain LoRA at the rank policy (default: each
+    layer's exact rank, up to 128); the table gives each layer's error next to the Eckart–Young optimum. DoRA
+    needs --base (its ΔW = W' − W depends on W).
 
     \b
     Examples:
@@ -340,9 +351,15 @@ def convert_command(adapter: str, out: str, dtype: str | None, force: bool, fmt:
       loratools convert fixtures/llama-lora-peft -o out/llama.safetensors --format kohya
       loratools convert fixtures/sd-lora-kohya.safetensors -o out/sd-diffusers --format diffusers \\
           --base fixtures/sd-base.safetensors
+      loratools convert fixtures/sd-loha-lycoris.safetensors -o out/sd-lora.safetensors --format kohya \\
+          --base fixtures/sd-base.safetensors --rank 8
+      loratools convert fixtures/llama-dora-peft -o out/llama-lora --format peft --base fixtures/llama-base \\
+          --rank 16
     """
     from loratools.adapter_commands import convert
+    from loratools.cli.render_structured import show_converted
 
-    run(output, "convert", lambda _: convert(
-        adapter, out, format=fmt, prefix=prefix, base=base, dtype=dtype, force=force,
-    ), show_written)
+    run(output, "convert", lambda progress: convert(
+        adapter, out, format=fmt, prefix=prefix, base=base, dtype=dtype, force=force, policy=policy, svd=svd,
+        progress=progress,
+    ), show_converted)

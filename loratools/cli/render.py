@@ -198,15 +198,23 @@ def show_inspect(report: InspectReport, quiet: bool, show_metadata: bool = False
 def _inspect_table(report: InspectReport) -> Table:
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     table.add_column("module", overflow="fold")
-    for title in ("kind", "shape", "rank", "alpha", "scale", "‖ΔW‖_F", "σ₁", "eff.rank", "stable", "top¼"):
-        table.add_column(title, justify="left" if title in ("kind", "shape") else "right", no_wrap=True)
+    structured = any(m.type != "LoRA" for m in report.modules)
+    dora = any(m.dora is not None for m in report.modules)
+    titles = ["type", "kind", "shape", "rank", *(["exact rank"] if structured else []), "alpha", "scale", "‖ΔW‖_F",
+              "σ₁", "eff.rank", "stable", "top¼", *(["ΔM", "ΔD"] if dora else [])]
+    for title in titles:
+        table.add_column(title, justify="left" if title in ("type", "kind", "shape") else "right", no_wrap=True)
     table.add_column("spectrum", no_wrap=True)
     for m in report.modules:
         s = m.stats
+        exact = ["-" if m.exact_rank is None else str(m.exact_rank)] if structured else []
+        change = ([f"{m.dora.relative_magnitude_change:.2%}", f"{m.dora.direction_change:.2e}"] if m.dora is not None
+                  else ["", ""]) if dora else []
+        spectrum = sparkline(m.singular_values) if len(m.singular_values) else m.method
         table.add_row(
-            m.name, m.kind, str(m.shape), str(m.rank), f"{m.alpha:g}", f"{m.scale:.4g}", f"{s.norm:.4g}",
-            f"{s.sigma1:.4g}", f"{s.effective_rank:.2f}", f"{s.stable_rank:.2f}", f"{s.top_quarter_energy:.1%}",
-            sparkline(m.singular_values),
+            m.name, m.type, m.kind, str(m.shape), str(m.rank), *exact, f"{m.alpha:g}", f"{m.scale:.4g}",
+            f"{s.norm:.4g}", f"{s.sigma1:.4g}", f"{s.effective_rank:.2f}", f"{s.stable_rank:.2f}",
+            f"{s.top_quarter_energy:.1%}", *change, spectrum,
         )
     return table
 
@@ -263,13 +271,13 @@ def show_verify(report: VerifyReport, quiet: bool) -> None:
 def _verify_table(report: VerifyReport) -> Table:
     table = Table(show_edge=False, pad_edge=False, header_style="bold")
     table.add_column("layer", overflow="fold")
-    for title in ("kind", "shape", "rank", "‖ΔW‖_F", "rel error", "optimal", "× optimal"):
-        table.add_column(title, justify="left" if title in ("kind", "shape") else "right", no_wrap=True)
+    for title in ("type", "kind", "shape", "rank", "‖ΔW‖_F", "rel error", "optimal", "× optimal"):
+        table.add_column(title, justify="left" if title in ("type", "kind", "shape") else "right", no_wrap=True)
     for layer in report.layers:
         rel, optimal = layer.rel_error, layer.optimal_rel_error
         times = f"{rel / optimal:.2f}" if optimal > 1e-6 else "-"  # below that both are rounding noise
         rank = "full" if layer.rank is None else str(layer.rank)
-        table.add_row(layer.name, layer.kind, str(layer.shape), rank, f"{layer.delta_energy ** 0.5:.4g}",
+        table.add_row(layer.name, layer.type, layer.kind, str(layer.shape), rank, f"{layer.delta_energy ** 0.5:.4g}",
                       _fraction(rel), _fraction(optimal), times)
     return table
 

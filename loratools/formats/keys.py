@@ -1,5 +1,5 @@
 """Key names every format module shares: the PEFT and kohya prefixes, the metadata keys loratools writes, and
-the recognised module types it reads past (LyCORIS, DoRA …)."""
+the recognised module types it reads past (GLoRA, OFT, (IA)³ …)."""
 
 from __future__ import annotations
 
@@ -8,31 +8,20 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te3_", "lora_te_
 NAME_MAP_KEY = "loratools_module_names"
 PEFT_CONFIG_KEY = "loratools_adapter_config"
 
-# Recognised module types this tool reads past but cannot use: key suffix -> what it is.
+# Recognised module types this tool reads past but cannot use: a key suffix that marks one -> its name (LoHa,
+# LoKr and DoRA keys are read by `formats.lycoris`).
 UNSUPPORTED_SUFFIXES = {
-    ".lora_magnitude_vector": "DoRA magnitude",
-    ".lora_magnitude_vector.weight": "DoRA magnitude",
-    ".dora_scale": "DoRA magnitude",
-    ".lora_B.bias": "LoRA bias",
-    ".lora_E": "AdaLoRA",
-    ".lora_mid.weight": "LoCon Tucker core",
-    ".diff": "dense weight diff",
-    ".diff_b": "dense bias diff",
-    ".hada_w1_a": "LoHa",
-    ".hada_w1_b": "LoHa",
-    ".hada_w2_a": "LoHa",
-    ".hada_w2_b": "LoHa",
-    ".hada_t1": "LoHa",
-    ".hada_t2": "LoHa",
-    ".lokr_w1": "LoKr",
-    ".lokr_w2": "LoKr",
-    ".lokr_w1_a": "LoKr",
-    ".lokr_w1_b": "LoKr",
-    ".lokr_w2_a": "LoKr",
-    ".lokr_w2_b": "LoKr",
-    ".lokr_t2": "LoKr",
-    ".oft_blocks": "OFT",
+    ".a1.weight": "GLoRA", ".a2.weight": "GLoRA", ".b1.weight": "GLoRA", ".b2.weight": "GLoRA", ".bm.weight": "GLoRA",
+    ".on_input": "(IA)³",
+    ".oft_blocks": "OFT / BOFT",
     ".oft_diag": "OFT",
+    ".rescale": "OFT / BOFT",
+    ".w_norm": "LyCORIS norm tuning", ".b_norm": "LyCORIS norm tuning",
+    ".lambda_layer": "T-LoRA", ".q_layer.weight": "T-LoRA", ".p_layer.weight": "T-LoRA",
+    ".lora_mid.weight": "LoCon Tucker core",
+    ".diff": "LyCORIS full (dense diff)", ".diff_b": "LyCORIS full (dense diff)",
+    ".lora_E": "AdaLoRA",
+    ".lora_B.bias": "LoRA bias",
 }
 # Full base tensors saved inside a PEFT adapter: key suffix -> suffix of the base tensor it replaces.
 

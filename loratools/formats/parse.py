@@ -1,8 +1,8 @@
 """Reading: a flat ``{key: tensor}`` dict into an `Adapter`, whatever the format (detected from the keys).
 
 Every key must be recognised: unknown keys, A without B and rank mismatches raise FormatError listing them.
-Recognised but unsupported module types (DoRA, LoHa, LoKr, Tucker LoCon, dense diffs) are named in
-`Adapter.unsupported`.
+LoHa, LoKr and DoRA modules are read by `formats.lycoris` into `Adapter.structured`; recognised but unsupported
+module types (GLoRA, OFT / BOFT, (IA)³, Tucker LoCon, dense diffs) are named in `Adapter.unsupported`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,16 @@ from loratools.formats.config_rules import (
 from loratools.formats.diffusers import diffusers_alpha
 from loratools.formats.keys import KOHYA_PREFIXES, PEFT_CONFIG_KEY, PEFT_PREFIX, UNSUPPORTED_SUFFIXES, split_key
 from loratools.formats.kohya import KOHYA_SUFFIXES, name_map
+from loratools.formats.lycoris import (
+    DORA_SUFFIXES,
+    algorithm_name,
+    build_structured,
+    check_peft_type,
+    lycoris_dora,
+    peft_dora,
+    split_structured,
+    structured_suffixes,
+)
 from loratools.formats.peft import PEFT_FULL_SUFFIXES, PEFT_SUFFIXES, peft_pattern_value
 
 
@@ -36,7 +46,7 @@ def detect_format(keys: list[str], has_peft_config: bool = False) -> str:
         return "kohya"
     if any(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys):
         return "diffusers"
-    if any(k.endswith(tuple(UNSUPPORTED_SUFFIXES)) for k in keys):
+    if any(k.endswith((*UNSUPPORTED_SUFFIXES, *structured_suffixes())) for k in keys):
         return "kohya"
     sample = ", ".join(sorted(keys)[:3]) or "no tensors"
     raise FormatError(f"no LoRA keys found (first keys: {sample}); expected PEFT, kohya or diffusers-style names")
@@ -68,9 +78,10 @@ def parse(
         config = embedded_config(metadata[PEFT_CONFIG_KEY], config_source)
     if config is not None:
         check_peft_config(config, config_source)
+        check_peft_type(config, source)
     fmt = format or detect_format(list(state), has_peft_config=config is not None)
-    if fmt == "kohya":
-        name_map(metadata, source)
+    names = name_map(metadata, source) if fmt == "kohya" else {}
+    groups, state = split_structured(state, PEFT_PREFIX if fmt == "peft" else "")
     config = dict(config or {})
     table = KOHYA_SUFFIXES if fmt == "kohya" else PEFT_SUFFIXES
     parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -78,8 +89,13 @@ def parse(
     full: dict[str, torch.Tensor] = {}
     unsupported: dict[str, str] = {}
     unknown: list[str] = []
+    magnitudes: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
         name_key = key[len(PEFT_PREFIX):] if fmt == "peft" and key.startswith(PEFT_PREFIX) else key
+        dora_suffix = next((s for s in DORA_SUFFIXES if name_key.endswith(s)), None)
+        if dora_suffix is not None:
+            magnitudes[name_key[: -len(dora_suffix)]] = tensor
+            continue
         split = split_key(name_key, table)
         if split is not None:
             name, suffix = split
@@ -90,17 +106,38 @@ def parse(
             continue
         odd = split_key(name_key, {s: ("", False) for s in UNSUPPORTED_SUFFIXES})
         if odd is not None:
-            unsupported[odd[0]] = UNSUPPORTED_SUFFIXES[odd[1]]
+            unsupported[odd[0]] = algorithm_name(odd[1], tensor)
             continue
         full_split = split_key(name_key, {s: ("", False) for s in PEFT_FULL_SUFFIXES}) if fmt == "peft" else None
         if full_split is not None:
             full[full_split[0] + PEFT_FULL_SUFFIXES[full_split[1]]] = tensor
             continue
         unknown.append(key)
-    for name in unsupported:  # a LyCORIS/DoRA key makes its whole module unusable, alpha and factors included
+    for name in unsupported:  # a GLoRA/OFT/… key makes its whole module unusable, alpha and factors included
         parts.pop(name, None)
+        magnitudes.pop(name, None)
+    unknown = [k for k in unknown if k.rpartition(".")[0].removeprefix(PEFT_PREFIX) not in unsupported]
     modules, problems, assumed_alpha = _build_modules(parts, embedding, fmt, config, metadata)
+    structured, structured_problems = build_structured(groups, names=names,
+                                                       peft_config=config if fmt == "peft" else None)
+    problems += structured_problems
+    for stem, magnitude in magnitudes.items():
+        dotted = names.get(stem, stem)
+        if dotted not in modules:
+            problems.append(f"{stem} has a DoRA magnitude but no LoRA factors")
+            continue
+        try:
+            delta = modules.pop(dotted)
+            if delta.kind == "embedding":  # PEFT's DoRA on embeddings normalises another axis: not read
+                unsupported[dotted] = "DoRA on an embedding"
+                continue
+            structured[dotted] = lycoris_dora(stem, delta, magnitude) if fmt == "kohya" else peft_dora(
+                dotted, delta, magnitude)
+        except FormatError as exc:
+            problems.append(str(exc))
     problems += check_module_values(modules, full)
+    problems += [f"{name} has non-finite values (nan or inf) in its factors" for name, module in structured.items()
+                 if not all(bool(torch.isfinite(t).all()) for t in module.tensors())]
     if fmt == "peft" and not problems:
         problems += check_config_ranks(modules, config, config_source.partition(": ")[2])
     if unknown:
@@ -115,6 +152,7 @@ def parse(
         config=config,
         full=full,
         unsupported=unsupported,
+        structured=structured,
     )
     if assumed_alpha:
         adapter.notes.append("alpha not stored for some modules: alpha = rank assumed (scale 1.0, as A1111/ComfyUI do)")
