@@ -114,7 +114,7 @@ def atomic_output(
         sync_tree(tmp)
         _commit(tmp, out_path, force, out)
         for parent in (out_path.parent, *(new.parent for new in created)):
-            _sync_folder(parent)  # the rename, and any folder created for the output, on disk
+            sync_folder(parent)  # the rename, and any folder created for the output, on disk
     except LoratoolsError:
         raise
     except OSError as exc:
@@ -139,7 +139,7 @@ def sync_tree(path: Path) -> None:
         for name in files:
             if not os.path.islink(os.path.join(root, name)):
                 _fsync(Path(root, name))
-        _sync_folder(Path(root))
+        sync_folder(Path(root))
 
 
 def _fsync(path: Path) -> None:
@@ -150,7 +150,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _sync_folder(folder: Path) -> None:
+def sync_folder(folder: Path) -> None:
     """fsync a folder, which makes the names created, renamed or removed in it durable; a no-op where the
     system cannot open folders for that (not Linux or macOS)."""
     try:

@@ -30,7 +30,7 @@ from loratools.errors import ExportError, OutputError
 from loratools.options import DEFAULT_ATOL
 from loratools.progress import Progress
 from loratools.silence import quiet_transformers
-from loratools.writer import output_path, remove_stale_temporaries, write_error
+from loratools.writer import output_path, remove_stale_temporaries, sync_folder, sync_tree, write_error
 
 VERIFY_SHAPE = (3, 7, 6)  # batch, sequence, past: not TRACE_SHAPE, so dynamic axes are exercised
 GENERATE_PROMPT, GENERATE_STEPS = 5, 8
@@ -155,15 +155,18 @@ def _check_generation(module: Any, sess: Any, *, strict: bool) -> dict:
 
 
 def place_files(tmp_dir: Path, out: Path) -> None:
-    """Rename the verified files from `tmp_dir` into place: the .data file first, the graph last."""
+    """Rename the verified files from `tmp_dir` into place: the .data file first, the graph last; each flushed
+    to the disk before its rename, and the folder after (`writer.sync_tree`, as every output)."""
     from loratools.export.runtime import data_file
 
     tmp_graph, tmp_data = tmp_dir / out.name, data_file(tmp_dir / out.name)
+    sync_tree(tmp_dir)
     if tmp_data.exists():
         os.replace(tmp_data, data_file(out))
     elif data_file(out).exists():
         data_file(out).unlink()  # --force over an export that had external data: no orphan
     os.replace(tmp_graph, out)
+    sync_folder(out.parent)
 
 
 class Steps:
