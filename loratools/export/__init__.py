@@ -6,7 +6,8 @@ Modules, by what they hold:
 - `onnx_export` (`export_onnx`, ``loratools export-onnx``), `adapter_export` (`export_adapter`: onnxruntime
   adapter files, ``export-adapter``), `onnx_merge` (`merge_onnx`: adapters into an ONNX model exported
   elsewhere, ``merge-onnx``);
-- `slots` (which modules get a LoRA slot, the branch; torch);
+- `slots` (which modules get a LoRA slot, the branch; torch); `quantize` (int4 MatMulNBits of a written graph,
+  the accuracy report of quantized graphs);
 - the only importers of onnx / onnxruntime: `runtime` (finish, save, run exported graphs), `slot_runtime`
   (slot defaults, adapter files, runs with adapters), `onnx_weights` (initializers of a graph made elsewhere).
 Importing this package is light (torch only); onnx, onnxruntime, transformers and onnxscript are imported
@@ -22,6 +23,7 @@ from loratools.export.adapter_export import AdapterExportResult, export_adapter
 from loratools.export.kit import ExportCheck, VerifyOptions
 from loratools.export.onnx_export import ExportOptions, ExportResult, export_onnx
 from loratools.export.onnx_merge import OnnxMergeResult, merge_onnx
+from loratools.export.quantize import Int4Options, quantize_int4
 
-__all__ = ["AdapterExportResult", "ExportCheck", "ExportOptions", "ExportResult", "OnnxMergeResult", "VerifyOptions",
-           "export_adapter", "export_onnx", "merge_onnx"]
+__all__ = ["AdapterExportResult", "ExportCheck", "ExportOptions", "ExportResult", "Int4Options", "OnnxMergeResult",
+           "VerifyOptions", "export_adapter", "export_onnx", "merge_onnx", "quantize_int4"]

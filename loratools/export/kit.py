@@ -4,9 +4,9 @@ write (a temporary folder beside the output, renamed into place only when verifi
 Decisions:
 - Verification compares max |ort − torch| per output with ``atol × max(1, max |torch|)`` (relative above 1), on
   inputs of another batch and sequence length than the trace (batch 3, 7 tokens, past 6, one padded row);
-  padded positions are left out. Default atol (DEFAULT_ATOL): fp32 1e-4, fp16 2e-2, int8 0.25. With the KV
+  padded positions are left out. Default atol (DEFAULT_ATOL): fp32 1e-4, fp16 2e-2, int8 0.25, int4 0.5. With the KV
   cache it also generates 8 tokens greedily in onnxruntime and compares them with transformers' ``generate``
-  (must match for fp32; reported for fp16 and int8, where near-ties may flip).
+  (must match for fp32; reported for fp16, int8 and int4, where near-ties may flip).
 - The graph and its ``.data`` file are written into a temporary sibling folder, verified there, then renamed
   into place (data first, graph last): a failure leaves nothing, unless ``keep_on_fail``.
 """
@@ -32,7 +32,7 @@ from loratools.progress import Progress
 from loratools.writer import output_path, remove_stale_temporaries, write_error
 
 EXPORT_DTYPES = ("fp32", "fp16")  # graph precisions; bf16 does not run on onnxruntime's CPU provider
-DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.25}
+DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.25, "int4": 0.5}
 VERIFY_SHAPE = (3, 7, 6)  # batch, sequence, past: not TRACE_SHAPE, so dynamic axes are exercised
 GENERATE_PROMPT, GENERATE_STEPS = 5, 8
 EXTRA_DEPENDENCIES = ("transformers", "onnxscript")
