@@ -9,8 +9,8 @@ int8. Embedding gathers, norms and attention stay fp32.
 Decisions:
 - Defaults are those of onnxruntime-genai's model builder for ``-p int4 -e cpu`` (its ``quant_config``): block
   size 32, symmetric, accuracy level 4, MatMul nodes only (the embedding gather stays fp32).
-- MatMuls that read a graph input stay float: a LoRA slot's ``x @ A`` and ``(x A) @ B`` take A and B as graph
-  inputs whose zero-size defaults the quantizer would take for constant weights. They are found in the graph
+- MatMuls whose weight is a graph input stay float: a LoRA slot's ``x @ A`` and ``(x A) @ B`` take A and B as
+  graph inputs whose zero-size defaults the quantizer would take for constant weights. They are found in the graph
   and passed to the quantizer by node name, so adapters still switch on an int4 base.
 - onnxruntime's quantizer module calls ``logging.basicConfig(level=INFO)`` when imported (a handler on the root
   logger) and logs every node: `_quantizer_class` imports it with the root logger's handlers and level put back,
@@ -72,7 +72,7 @@ class Int4Summary:
 
     Attributes:
         quantized: MatMul nodes that became MatMulNBits.
-        kept_float: names of the MatMul nodes left float because they read a graph input (LoRA slots).
+        kept_float: names of the MatMul nodes left float because their weight is a graph input (LoRA slots).
         options: the Int4Options used.
     """
 
@@ -129,17 +129,18 @@ def _quantizer_class() -> Any:
 
 
 def float_matmuls(model: onnx.ModelProto) -> list[str]:
-    """Names of the MatMul nodes of `model` that read a graph input (a LoRA slot's A or B): they stay float."""
+    """Names of the MatMul nodes of `model` whose weight (second input) is a graph input, such as a LoRA slot's A
+    or B with its zero-size default initializer: they stay float."""
     graph_inputs = {value.name for value in model.graph.input}
     return [node.name for node in model.graph.node
-            if node.op_type == "MatMul" and any(name in graph_inputs for name in node.input)]
+            if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in graph_inputs]
 
 
 def quantize_int4(src: Path, dst: Path, *, options: Int4Options = Int4Options(), external: bool) -> Int4Summary:
     """Write `dst`: the graph `src` with each constant-weight MatMul as an int4 MatMulNBits node.
 
     Weights (K, N) become (N, ⌈K/block⌉, block/2) uint8 plus (N, ⌈K/block⌉) fp32 scales (and packed zero points when
-    asymmetric); MatMuls that read a graph input (LoRA slots) stay float.
+    asymmetric); MatMuls whose weight is a graph input (LoRA slots) stay float.
 
     Args:
         src: an fp32 ONNX graph (its .data file beside it, if any).
