@@ -198,6 +198,14 @@ def test_one_matmul_against_numpy(tmp_path, options):
     assert np.abs(got - expected).max() < 0.2 * np.abs(expected).max() and cosine(got, expected) > 0.99
 
 
+def test_external_data_readable_like_the_graph(tmp_path):
+    one_matmul(tmp_path / "f.onnx", np.ones((64, 48), np.float32))
+    quantize_int4(tmp_path / "f.onnx", tmp_path / "q.onnx", external=True)
+    graph, data = tmp_path / "q.onnx", tmp_path / "q.onnx.data"
+    assert data.stat().st_size > 0 and data.stat().st_mode & 0o777 == graph.stat().st_mode & 0o777
+    assert session(graph).run(None, {"x": np.ones((1, 64), np.float32)})[0].shape == (1, 48)
+
+
 def test_root_logger_untouched_by_the_quantizer_import(tmp_path):
     """onnxruntime's quantizer calls logging.basicConfig(level=INFO) when first imported: a fresh process shows
     that quantize_int4 leaves the root logger's handlers and level as they were."""

@@ -135,10 +135,13 @@ def save_ir(model: ir.Model, path: Path, *, external: bool) -> None:
 
 
 def save_proto(proto: onnx.ModelProto, path: Path, *, external: bool) -> None:
-    """Write `proto` to `path`; with `external`, tensors ≥ 1 KiB go to ``<path>.data`` beside it."""
+    """Write `proto` to `path`; with `external`, tensors ≥ 1 KiB go to ``<path>.data`` beside it (with the graph
+    file's permissions: onnx creates it 0600, which a server running as another user cannot read)."""
     if external:
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_file(path).name, size_threshold=EXTERNAL_THRESHOLD)
+        if data_file(path).exists():
+            os.chmod(data_file(path), path.stat().st_mode & 0o777)
     else:
         onnx.save_model(proto, str(path))
 
