@@ -138,13 +138,13 @@ def run_ours(model: Path, adapter: Path, out: Path, precision: str) -> tuple[flo
     return total - result.timings.get("verify", 0.0), result.timings
 
 
-def fuse(ours: Path, out: Path, hidden: int) -> float:
+def fuse(ours: Path, out: Path) -> float:
     """Seconds to apply onnxruntime's transformer fusions (RMSNorm, skip + RMSNorm) to our graph, as a bundle."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     start = time.perf_counter()
     out.mkdir()
-    model = optimize_model(str(ours / "model.onnx"), model_type="gpt2", num_heads=0, hidden_size=hidden, opt_level=0)
+    model = optimize_model(str(ours / "model.onnx"), model_type="gpt2", num_heads=0, hidden_size=0, opt_level=0)
     model.save_model_to_file(str(out / "model.onnx"), use_external_data_format=True)
     for entry in ours.iterdir():
         if not entry.name.startswith("model.onnx"):
@@ -225,7 +225,7 @@ def main() -> None:
             if args.fusions:
                 fused = f"export-onnx+fusions {precision}"
                 bundles[fused] = root / fused.replace(" ", "-")
-                rows[fused] = {"export_s": seconds + fuse(bundles[key], bundles[fused], args.hidden), "verify_s": None}
+                rows[fused] = {"export_s": seconds + fuse(bundles[key], bundles[fused]), "verify_s": None}
         for key, folder in bundles.items():
             set_threads(folder, args.threads)
             rows[key]["bytes"] = folder_bytes(folder)
