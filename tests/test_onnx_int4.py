@@ -243,3 +243,15 @@ def test_bad_int4_options(tmp_path, args, needles):
     result = run_cli("export-onnx", LLAMA_BASE, "-o", tmp_path / "m.onnx", *args, expect=2)
     assert_one_line_error(result, *needles)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_defaults_are_the_librarys():
+    from loratools.cli.export import export_onnx_command
+    from loratools.export.onnx_export import QUANTIZE
+
+    params = {p.name: p for p in export_onnx_command.params}
+    assert tuple(params["quantize"].type.choices) == QUANTIZE
+    defaults = Int4Options()
+    assert (params["block_size"].default, params["accuracy_level"].default) == (defaults.block_size,
+                                                                               defaults.accuracy_level)
+    assert params["asymmetric"].is_flag and defaults.symmetric  # the flag off gives the default
