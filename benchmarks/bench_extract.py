@@ -17,7 +17,7 @@ the synthetic deltas on every projection + changed norms) in a temporary folder:
 - the I/O floor: open both checkpoints, read every weight pair extract reads and form the fp32 deltas, the way
   extract does (one workspace, reading ahead), cold (both checkpoints evicted from the page cache first, so the
   bytes come from disk, as they do for real checkpoints larger than memory) and warm (already cached);
-- ``loratools.extract.extract`` in this process (everything: plan, read, SVD, write) vs those floors;
+- ``loratools.extraction.extract`` in this process (everything: plan, read, SVD, write) vs those floors;
 - whole processes ``python -m loratools extract`` (start-up included) with the randomized default vs
   ``--exact`` (full SVD per layer, same I/O and start-up), with peak RssAnon sampled from /proc; the default
   process once more with transformers made unimportable, to show what building the model on the meta device
@@ -47,11 +47,11 @@ from safetensors.torch import save_file
 
 from loratools.checkpoint import open_checkpoint
 from loratools.deltas import layer_deltas
-from loratools.extract import ExtractResult, extract
+from loratools.extraction import ExtractResult, extract
 from loratools.linalg import frobenius_energy, residual_energy
+from loratools.options import RankPolicy, SvdSettings
 from loratools.plan import plan_extract
-from loratools.policies import RankPolicy
-from loratools.rsvd import SvdSettings, low_rank
+from loratools.rsvd import low_rank
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

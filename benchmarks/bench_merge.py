@@ -5,7 +5,7 @@
 Writes a synthetic fp32 model (per layer four hidden×hidden matrices, in `--shards` safetensors shards with an
 index) and a rank-`--rank` PEFT adapter on every matrix into a temporary folder, then runs each path in a
 fresh subprocess while a thread samples ``RssAnon`` from /proc/self/status every millisecond:
-- ``loratools.merge`` (plan from headers, stream each output tensor: load, fp32 sum, write);
+- ``loratools.merging`` (plan from headers, stream each output tensor: load, fp32 sum, write);
 - naive: ``safetensors.torch.load_file`` every shard into one dict, add every delta, ``save_file`` each shard.
 Both outputs are compared tensor by tensor. Peak RssAnon excludes the page cache / mmapped file pages.
 """
@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_files import load_adapter, save_adapter
-from loratools.merge import merge
+from loratools.merging import merge
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -27,7 +27,7 @@ from loratools.dtypes import DType, resolve_dtype
 from loratools.errors import FormatError
 from loratools.formats import KOHYA_PREFIXES, default_format, pipeline_names
 from loratools.matching import resolve_kohya_names
-from loratools.policies import RankPolicy
+from loratools.options import RankPolicy
 from loratools.progress import Progress
 from loratools.writer import check_output, provenance, write_json
 

@@ -26,7 +26,8 @@ from loratools.dtypes import accumulation_dtype
 from loratools.errors import FormatError, LoratoolsError, ShapeError
 from loratools.formats import KOHYA_PREFIXES, is_sdxl, kohya_stem
 from loratools.linalg import factor_svd
-from loratools.policies import RankPolicy, choose_rank, truncation_errors
+from loratools.options import RankPolicy
+from loratools.policies import choose_rank, truncation_errors
 from loratools.progress import Progress
 
 METHODS = ("concat", "svd")
@@ -118,6 +119,7 @@ def _truncate(
 ) -> tuple[LoraModule, int, float]:
     """Best approximation of the LoRA matrix left @ right chosen by `policy`: (module, rank, relative error)."""
     U, S, Vh = factor_svd(left, right, 1.0, accumulation_dtype(dtype))
+    policy = policy.for_kind(template.kind)
     rank = choose_rank(S, policy)
     if rank is None:  # S is the complete spectrum: the policy keeps every value up to the cap
         rank = min(len(S), policy.max_rank)

@@ -43,9 +43,10 @@ SAFETENSORS_DTYPES = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_WEIGHTS = "model.safetensors"  # what a Hugging Face folder of one shard holds (and what merge writes)
+SAFETENSORS_INDEX = SAFETENSORS_WEIGHTS + ".index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
-SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+SINGLE_FILES = (SAFETENSORS_WEIGHTS, "pytorch_model.bin")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 PREFETCH_CHUNK = 8 * 1024 * 1024  # bytes per read of the read-ahead thread
 

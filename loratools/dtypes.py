@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 
 from loratools.errors import LoratoolsError
+from loratools.options import OUTPUT_DTYPE_NAMES
+from loratools.options import PRECISIONS as PRECISION_NAMES
 
 DType = str | torch.dtype
-OUTPUT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-PRECISIONS = {"fp32": torch.float32, "fp64": torch.float64}
+OUTPUT_DTYPES = dict(zip(OUTPUT_DTYPE_NAMES, (torch.float32, torch.float16, torch.bfloat16), strict=True))
+PRECISIONS = dict(zip(PRECISION_NAMES, (torch.float32, torch.float64), strict=True))
 
 
 def resolve_dtype(value: DType | None, *, option: str = "--dtype") -> torch.dtype | None:
@@ -31,13 +33,6 @@ def resolve_dtype(value: DType | None, *, option: str = "--dtype") -> torch.dtyp
     if value not in OUTPUT_DTYPES:
         raise LoratoolsError(f"{option} {value!r}: choose one of {', '.join(OUTPUT_DTYPES)}")
     return OUTPUT_DTYPES[value]
-
-
-def precision_dtype(precision: str) -> torch.dtype:
-    """The compute dtype of a ``--precision`` name: fp32 or fp64."""
-    if precision not in PRECISIONS:
-        raise LoratoolsError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    return PRECISIONS[precision]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -39,8 +39,9 @@ from loratools.adapter import TRANSPOSED_KINDS
 from loratools.checkpoint import TensorIndex
 from loratools.errors import CheckpointError, LoratoolsError, ShapeError
 from loratools.names import matches, natural_key, short_list
+from loratools.options import Selection
+from loratools.silence import quiet_transformers
 
-EMBEDDING_MODES = ("lora", "full", "skip")
 EMBEDDING_LEAF = re.compile(r"(^|_)(embed|embed_in|embed_tokens|embed_positions|embedding|embeddings|wte|wpe|shared)$")
 # architecture class-name suffix -> PEFT task_type (first match wins)
 TASK_TYPES = (
@@ -54,33 +55,6 @@ TASK_TYPES = (
 )
 
 Kinds = dict[str, tuple[str | None, str]]  # tensor name -> (LoRA kind or None for a whole tensor, why)
-
-
-@dataclass(frozen=True)
-class Selection:
-    """Which tensors of a base / tuned pair a command works on; shared by extract, spectrum and verify.
-
-    Attributes:
-        include: keep only tensors matching one of these patterns (all when empty).
-        exclude: leave out tensors matching one of these patterns.
-        embeddings: ``lora`` (extract), ``full`` (save whole when changed) or ``skip`` (compare and report only).
-        save_full: tensors matching these patterns are saved whole when changed (PEFT ``modules_to_save``),
-            whatever their kind.
-        skip_mismatched: leave out (and list) tensors whose shapes differ instead of raising ShapeError.
-    Patterns are globs matched against the tensor and its module name (`names.matches`).
-    """
-
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    embeddings: str = "lora"
-    save_full: tuple[str, ...] = ()
-    skip_mismatched: bool = False
-
-    def __post_init__(self) -> None:
-        if self.embeddings not in EMBEDDING_MODES:
-            raise LoratoolsError(f"--embeddings {self.embeddings!r}: choose one of {', '.join(EMBEDDING_MODES)}")
-        for name in ("include", "exclude", "save_full"):  # accept any iterable of patterns, store a tuple
-            object.__setattr__(self, name, tuple(getattr(self, name)))
 
 
 @dataclass(frozen=True)
@@ -157,12 +131,14 @@ class LayerPair:
 
 @dataclass(frozen=True)
 class WholeTensor:
-    """A shared tensor that is not extracted as a LoRA: compared, reported when changed, saved whole if `save`."""
+    """A shared tensor that is not extracted as a LoRA: compared, reported when changed, saved whole if `save`.
+    `left_out`: a LoRA layer the output format cannot hold (kohya, diffusers: embeddings, Conv1D)."""
 
     tensor: str
     shape: tuple[int, ...]
     save: bool
     why: str
+    left_out: bool = False
 
     @property
     def module(self) -> str:
@@ -253,18 +229,15 @@ def _module_types_from_transformers(config: dict | None) -> tuple[Kinds | None, 
     except ImportError:
         return None, "", "transformers is not installed"
     arch = architectures[0]
-    previous = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()
     try:
-        cls = getattr(transformers, arch, None)
-        if cls is None or not hasattr(cls, "config_class"):
-            return None, "", f"transformers has no model class {arch}"
-        with torch.device("meta"):
-            model = cls(cls.config_class.from_dict(dict(config)))
+        with quiet_transformers():
+            cls = getattr(transformers, arch, None)
+            if cls is None or not hasattr(cls, "config_class"):
+                return None, "", f"transformers has no model class {arch}"
+            with torch.device("meta"):
+                model = cls(cls.config_class.from_dict(dict(config)))
     except Exception as exc:  # arbitrary model code: any failure means "decide by names and shapes"
         return None, "", f"building {arch} on the meta device failed: {type(exc).__name__}: {exc}"
-    finally:
-        transformers.logging.set_verbosity(previous)
     types: Kinds = {}
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.Embedding):

@@ -7,63 +7,9 @@ A `RankPolicy` is chosen by the user (``--rank``, ``--energy``, ``--max-error``,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from loratools.errors import LoratoolsError
-
-POLICIES = ("rank", "energy", "max_error", "sv_ratio", "threshold")
-
-
-@dataclass(frozen=True)
-class RankPolicy:
-    """How many singular values to keep.
-
-    kind:
-        ``rank``       keep `value` (clamped to the layer's min(out, in));
-        ``energy``     smallest k with Σ_{i<k} σ_i² ≥ value · ‖ΔW‖²_F;
-        ``max_error``  smallest k with ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F ≤ value;
-        ``sv_ratio``   keep σ_i ≥ σ_1 / value (kohya's resize);
-        ``threshold``  keep σ_i > value (mergekit's sv-epsilon).
-    Dynamic kinds (all but ``rank``) are capped at `max_rank`.
-    """
-
-    kind: str = "rank"
-    value: float = 16
-    max_rank: int = 128
-
-    def __post_init__(self) -> None:
-        if self.kind not in POLICIES:
-            raise LoratoolsError(f"unknown rank policy {self.kind!r}; choose one of {', '.join(POLICIES)}")
-        limits = {
-            "rank": self.value >= 1 and float(self.value).is_integer(),
-            "energy": 0 < self.value <= 1,
-            "max_error": 0 <= self.value < 1,
-            "sv_ratio": self.value >= 1,
-            "threshold": self.value >= 0,
-        }
-        if not limits[self.kind]:
-            wants = {
-                "rank": "a whole number ≥ 1",
-                "energy": "a fraction in (0, 1]",
-                "max_error": "a fraction in [0, 1)",
-                "sv_ratio": "a ratio ≥ 1",
-                "threshold": "a value ≥ 0",
-            }[self.kind]
-            raise LoratoolsError(f"--{self.kind.replace('_', '-')} {self.value} is out of range; it must be {wants}")
-        if self.max_rank < 1:
-            raise LoratoolsError(f"--max-rank {self.max_rank} must be ≥ 1")
-
-    @property
-    def dynamic(self) -> bool:
-        return self.kind != "rank"
-
-    def describe(self) -> str:
-        """The policy as its option reads, e.g. ``rank 16`` or ``energy 0.9 (max rank 128)``."""
-        value = int(self.value) if float(self.value).is_integer() else self.value
-        text = f"{self.kind.replace('_', '-')} {value}"
-        return text + (f" (max rank {self.max_rank})" if self.dynamic else "")
+from loratools.options import RankPolicy
 
 
 def choose_rank(S: torch.Tensor, policy: RankPolicy, total_energy: float | None = None) -> int | None:

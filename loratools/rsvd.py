@@ -5,15 +5,15 @@
 from __future__ import annotations
 
 import math
-import zlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from loratools.dtypes import PRECISIONS, precision_dtype
+from loratools.dtypes import PRECISIONS
 from loratools.errors import LoratoolsError
 from loratools.linalg import frobenius_energy, residual_energy
-from loratools.policies import RankPolicy, choose_rank
+from loratools.options import RankPolicy, SvdSettings
+from loratools.policies import choose_rank
 
 FIRST_SKETCH = 32  # dynamic policies start with this many usable singular values, then double
 MEASURE_BELOW = 0.05  # errors below this are measured from the residual; above, total − Σσ² is accurate enough
@@ -23,64 +23,33 @@ MAX_POWER_ITERS = 6
 FURTHER_GAINS = 10  # where gains do not shrink, what further power iterations could gain is taken as 10 more
 
 
-@dataclass(frozen=True)
-class SvdSettings:
-    """How every truncated SVD of a command is computed; shared by extract, spectrum and verify.
+def compute_dtype(settings: SvdSettings) -> torch.dtype:
+    """The dtype ΔW is formed and factored in: float32 or float64 (``settings.precision``)."""
+    return PRECISIONS[settings.precision]
 
-    Attributes:
-        exact: a full SVD (``torch.linalg.svd``) instead of the randomized one; slow, but the spectrum is complete.
-        seed: seed of the Gaussian test matrices (drawn on the CPU, so cpu and cuda agree).
-        oversample: extra sketch columns; None: max(10, rank).
-        power_iters: a fixed number of power iterations; None: adaptive (`_sketch_block`).
-        precision: ``fp32`` or ``fp64``, the dtype ΔW is formed and factored in.
-        device: where ΔW is formed and factored (``cpu``, ``cuda``, ``cuda:1`` …).
-    """
 
-    exact: bool = False
-    seed: int = 0
-    oversample: int | None = None
-    power_iters: int | None = None
-    precision: str = "fp32"
-    device: str = "cpu"
+def svd_device(settings: SvdSettings) -> torch.device:
+    """``settings.device`` as a torch.device, checked to exist. Raises LoratoolsError with the fix."""
+    try:
+        device = torch.device(settings.device)
+    except RuntimeError:
+        raise LoratoolsError(f"--device {settings.device!r} is not a torch device; use cpu or cuda") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoratoolsError(
+            f"--device {settings.device}: torch {torch.__version__} sees no CUDA GPU; use --device cpu,"
+            " or install a CUDA build of torch on a machine with a GPU"
+        )
+    return device
 
-    def __post_init__(self) -> None:
-        precision_dtype(self.precision)
-        if self.oversample is not None and self.oversample < 0:
-            raise LoratoolsError(f"--oversample {self.oversample} must be ≥ 0")
-        if self.power_iters is not None and self.power_iters < 0:
-            raise LoratoolsError(f"--power-iters {self.power_iters} must be ≥ 0")
 
-    @property
-    def dtype(self) -> torch.dtype:
-        """The compute dtype (float32 or float64)."""
-        return PRECISIONS[self.precision]
-
-    def torch_device(self) -> torch.device:
-        """`device` as a torch.device, checked to exist. Raises LoratoolsError with the fix."""
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            raise LoratoolsError(f"--device {self.device!r} is not a torch device; use cpu or cuda") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise LoratoolsError(
-                f"--device {self.device}: torch {torch.__version__} sees no CUDA GPU; use --device cpu,"
-                " or install a CUDA build of torch on a machine with a GPU"
-            )
-        return device
-
-    def for_layer(self, name: str) -> SvdSettings:
-        """These settings with a seed derived from `seed` and the layer name, so that a layer's result does not
-        depend on which other layers were selected."""
-        return replace(self, seed=(self.seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63))
-
-    def describe(self) -> str:
-        """One line for reports, e.g. ``randomized SVD (fp32, oversample max(10, rank), adaptive …, seed 0)``."""
-        if self.exact:
-            return f"exact SVD ({self.precision})"
-        over = "max(10, rank)" if self.oversample is None else str(self.oversample)
-        iterations = (f"adaptive power iterations (1–{MAX_POWER_ITERS}, until more would gain < {POWER_GAIN:.1%})"
-                      if self.power_iters is None else f"{self.power_iters} power iterations")
-        return f"randomized SVD ({self.precision}, oversample {over}, {iterations}, seed {self.seed})"
+def describe_svd(settings: SvdSettings) -> str:
+    """One line for reports, e.g. ``randomized SVD (fp32, oversample max(10, rank), adaptive …, seed 0)``."""
+    if settings.exact:
+        return f"exact SVD ({settings.precision})"
+    over = "max(10, rank)" if settings.oversample is None else str(settings.oversample)
+    iterations = (f"adaptive power iterations (1–{MAX_POWER_ITERS}, until more would gain < {POWER_GAIN:.1%})"
+                  if settings.power_iters is None else f"{settings.power_iters} power iterations")
+    return f"randomized SVD ({settings.precision}, oversample {over}, {iterations}, seed {settings.seed})"
 
 
 def orthonormal_basis(Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -218,7 +187,7 @@ def randomized_svd(
         >>> U.shape, S.shape, Vh.shape
         (torch.Size([512, 16]), torch.Size([16]), torch.Size([16, 256]))
     """
-    M = M.to(settings.dtype)
+    M = M.to(compute_dtype(settings))
     k = min(rank, *M.shape)
     if settings.exact or k + _oversample(k, settings.oversample) >= min(M.shape):
         U, S, Vh = torch.linalg.svd(M, full_matrices=False)
@@ -307,7 +276,7 @@ def low_rank(
         >>> result = low_rank(delta, RankPolicy("energy", 0.95))
         >>> B, A = result.factors()          # (rows, r), (r, cols)
     """
-    M = M.to(settings.dtype)
+    M = M.to(compute_dtype(settings))
     rows, cols = M.shape
     full = min(rows, cols)
     total = frobenius_energy(M) if total_energy is None else float(total_energy)

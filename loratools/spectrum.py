@@ -35,9 +35,10 @@ from loratools.deltas import LayerDelta, TensorChange, layer_deltas, tensor_chan
 from loratools.dtypes import dtype_name
 from loratools.errors import LoratoolsError
 from loratools.linalg import pooled_rel_error, residual_energy
-from loratools.plan import Pairing, Selection, plan_extract
+from loratools.options import Selection, SvdSettings, check_policy_value
+from loratools.plan import Pairing, plan_extract
 from loratools.progress import Progress
-from loratools.rsvd import SvdSettings, randomized_svd
+from loratools.rsvd import compute_dtype, randomized_svd, svd_device
 
 DEFAULT_RANKS = (4, 8, 16, 32, 64)
 TOLERANCE = 1e-12  # relative slack on error bounds, as `linalg.choose_rank`
@@ -211,12 +212,10 @@ def _bound(max_error: float | None, energy: float | None) -> tuple[float | None,
     if max_error is not None and energy is not None:
         raise LoratoolsError("give one of --max-error and --energy, not both")
     if max_error is not None:
-        if not 0 <= max_error < 1:
-            raise LoratoolsError(f"--max-error {max_error} is out of range; it must be a fraction in [0, 1)")
+        check_policy_value("max_error", max_error)
         return max_error, ("max_error", max_error)
     if energy is not None:
-        if not 0 < energy <= 1:
-            raise LoratoolsError(f"--energy {energy} is out of range; it must be a fraction in (0, 1]")
+        check_policy_value("energy", energy)
         return math.sqrt(1 - energy), ("energy", energy)
     return None, None
 
@@ -257,7 +256,7 @@ def rank_spectrum(
         raise LoratoolsError(f"--singular-values {num_singular_values} must be ≥ 1")
     bound, criterion = _bound(max_error, energy)
     k = max(num_singular_values, ranks[-1])
-    device = svd.torch_device()
+    device = svd_device(svd)
     with open_checkpoint(base) as base_index, open_checkpoint(tuned) as tuned_index:
         plan = plan_extract(base_index, tuned_index, selection=replace(selection, skip_mismatched=True))
         dtype = tuned_index.info(plan.pairs[0].tensor).dtype if plan.pairs else torch.float32
@@ -266,7 +265,7 @@ def rank_spectrum(
         )
         todo = len(plan.pairs) + len(plan.whole)
         # as extract reads them: one ΔW at a time in one reused workspace, the next pairs read ahead
-        deltas = layer_deltas(base_index, tuned_index, plan.pairs, dtype=svd.dtype, device=device, reuse=True)
+        deltas = layer_deltas(base_index, tuned_index, plan.pairs, dtype=compute_dtype(svd), device=device, reuse=True)
         for done, delta in enumerate(deltas, 1):
             pair = delta.pair
             if delta.energy == 0:
@@ -291,7 +290,7 @@ def _layer_spectrum(delta: LayerDelta, k: int, svd: SvdSettings) -> LayerSpectru
     matrix, pair = delta.matrix, delta.pair
     full = min(matrix.shape)
     if svd.exact:  # singular values only: several times faster than the full SVD with its vectors
-        s, tail = torch.linalg.svdvals(matrix.to(svd.dtype)), 0.0
+        s, tail = torch.linalg.svdvals(matrix.to(compute_dtype(svd))), 0.0
     else:
         U, s, Vh = randomized_svd(matrix, min(k, full), settings=svd, total_energy=delta.energy)
         tail = 0.0 if len(s) == full else residual_energy(matrix, U * s, Vh)

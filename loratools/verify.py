@@ -33,10 +33,10 @@ from loratools.errors import FormatError
 from loratools.linalg import frobenius_energy, pooled_rel_error, residual_energy
 from loratools.matching import Target, match_adapter
 from loratools.names import natural_key
-from loratools.plan import Pairing, Selection, plan_extract
-from loratools.policies import RankPolicy
+from loratools.options import RankPolicy, Selection, SvdSettings
+from loratools.plan import Pairing, plan_extract
 from loratools.progress import Progress
-from loratools.rsvd import SvdSettings, low_rank
+from loratools.rsvd import low_rank, svd_device
 
 
 @dataclass
@@ -199,7 +199,7 @@ def verify_adapter(
         True
     """
     loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
-    device = svd.torch_device()
+    device = svd_device(svd)
     with open_checkpoint(base) as base_index, open_checkpoint(tuned) as tuned_index:
         targets, unmatched = _match(loaded, base_index, tuned_index)
         plan = plan_extract(base_index, tuned_index, selection=replace(selection, skip_mismatched=True))

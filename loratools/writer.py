@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from loratools.checkpoint import SAFETENSORS_DTYPES
+from loratools.checkpoint import SAFETENSORS_DTYPES, SAFETENSORS_INDEX, SAFETENSORS_WEIGHTS
 from loratools.errors import LoratoolsError, OutputError
 from loratools.version import __version__
 
@@ -266,8 +266,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: di
     stream_safetensors(path, specs, lambda spec: tensors[spec.name], metadata)
 
 
-MODEL_WEIGHTS = "model.safetensors"
-MODEL_INDEX = "model.safetensors.index.json"
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -339,7 +337,7 @@ def shard_layout(specs: Iterable[TensorSpec], max_bytes: int) -> dict[str, list[
         groups[-1].append(spec)
         size += spec.nbytes
     if len(groups) == 1:
-        return {MODEL_WEIGHTS: groups[0]}
+        return {SAFETENSORS_WEIGHTS: groups[0]}
     return {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": group for i, group in enumerate(groups)}
 
 
@@ -361,7 +359,7 @@ def write_sharded_model(
     if len(shards) > 1:
         total = sum(spec.nbytes for specs in shards.values() for spec in specs)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (folder / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        (folder / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return weight_map
 
 

@@ -7,6 +7,7 @@ Helpers that need an optional dependency (transformers, peft) skip the calling t
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,19 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from loratools.adapter import KINDS, Adapter, LoraModule
+
+# ---- the committed fixtures ---------------------------------------------------------------------------------
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+LLAMA_BASE = FIXTURES / "llama-base"
+LLAMA_TUNED = FIXTURES / "llama-tuned"
+LLAMA_BASE_BF16 = FIXTURES / "llama-base-bf16"
+LLAMA_TUNED_BF16 = FIXTURES / "llama-tuned-bf16"
+LLAMA_PEFT = FIXTURES / "llama-lora-peft"
+SD_BASE = FIXTURES / "sd-base.safetensors"
+SD_TUNED = FIXTURES / "sd-tuned.safetensors"
+SD_KOHYA = FIXTURES / "sd-lora-kohya.safetensors"
+
 
 # ---- random LoRA modules and adapters ----------------------------------------------------------------------------
 
@@ -165,13 +179,22 @@ def make_gpt2_pair(folder: Path, *, delta_rank: int = 3, seed: int = 0) -> tuple
 # ---- the CLI and models ------------------------------------------------------------------------------------------
 
 
-def run_cli(*args: str | Path, expect: int = 0):
-    """Invoke the loratools CLI in-process; assert the exit code; return the click Result."""
+def run_cli(*args: object, expect: int | None = 0, group: Any = None):
+    """Invoke the loratools CLI (or another click `group`) in-process and return the click Result.
+
+    With `expect` an exit code, assert it (an exception escaping the command fails the test with its traceback);
+    with ``expect=None`` return whatever happened, exceptions caught into ``result.exception``.
+    """
     from loratools.cli import cli
 
-    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == expect, f"exit {result.exit_code}, expected {expect}\n{result.output}"
+    result = CliRunner().invoke(group or cli, [str(a) for a in args], catch_exceptions=expect is None)
+    assert expect is None or result.exit_code == expect, f"exit {result.exit_code}, expected {expect}\n{result.output}"
     return result
+
+
+def cli_json(*args: object) -> dict:
+    """Run a command with ``--json -q`` (exit 0) and return its JSON report."""
+    return json.loads(run_cli(*args, "--json", "-q").stdout)
 
 
 def llama_from(folder: Path):

@@ -22,9 +22,21 @@ from loratools.algebra import (
     set_alpha,
 )
 from loratools.errors import FormatError, LoratoolsError, OutputError, ShapeError
-from loratools.policies import RankPolicy
-from tests.conftest import LLAMA_BASE, LLAMA_PEFT, SD_BASE, SD_KOHYA
-from tests.helpers import layers, llama_from, logits, lora_modules, peft_logits, random_module, rel, run_cli
+from loratools.options import RankPolicy
+from tests.helpers import (
+    LLAMA_BASE,
+    LLAMA_PEFT,
+    SD_BASE,
+    SD_KOHYA,
+    layers,
+    llama_from,
+    logits,
+    lora_modules,
+    peft_logits,
+    random_module,
+    rel,
+    run_cli,
+)
 
 SETTINGS = settings(max_examples=30, deadline=None)
 F64 = torch.float64

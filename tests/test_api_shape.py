@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,26 +15,45 @@ from safetensors import safe_open
 import loratools
 from loratools.adapter_commands import combine, rescale
 from loratools.errors import LoratoolsError
-from loratools.merge import merge
-from loratools.policies import RankPolicy
+from loratools.merging import merge
+from loratools.options import RankPolicy
 from loratools.writer import PROVENANCE_KEYS
-from tests.conftest import LLAMA_BASE, LLAMA_PEFT, LLAMA_TUNED, SD_BASE, SD_KOHYA, SD_TUNED
-from tests.helpers import run_cli
+from tests.helpers import LLAMA_BASE, LLAMA_PEFT, LLAMA_TUNED, SD_BASE, SD_KOHYA, SD_TUNED, run_cli
 
-# public function -> how many leading parameters are paths (positional); the rest must be keyword-only
-PATH_PARAMETERS = {
-    "extract": 3, "rank_spectrum": 2, "verify_adapter": 3, "inspect_adapter": 1, "merge": 3, "combine": 2,
-    "rescale": 2, "resize": 2, "convert": 2, "load_adapter": 1, "save_adapter": 2, "plan_extract": 2,
-    "combine_adapters": 1, "export_onnx": 2, "rescale_adapter": 1, "resize_adapter": 1, "low_rank": 2, "randomized_svd": 2,
-}
+PUBLIC_FUNCTIONS = sorted(n for n in loratools.__all__ if inspect.isfunction(getattr(loratools, n)))
+MAX_PARAMETERS = 12  # more travel together: group them in an option dataclass
 
 
-@pytest.mark.parametrize("name", sorted(PATH_PARAMETERS))
+def test_the_public_api_is_what_all_lists():
+    assert "export_adapter" in PUBLIC_FUNCTIONS and "merge_onnx" in PUBLIC_FUNCTIONS and len(PUBLIC_FUNCTIONS) > 15
+    for name in loratools.__all__:
+        assert getattr(loratools, name) is not None, name
+
+
+@pytest.mark.parametrize("name", PUBLIC_FUNCTIONS)
 def test_public_functions_are_keyword_only_after_their_paths(name):
     parameters = list(inspect.signature(getattr(loratools, name)).parameters.values())
-    leading = PATH_PARAMETERS[name]
-    assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in parameters[:leading]), name
-    assert all(p.kind is p.KEYWORD_ONLY for p in parameters[leading:]), name
+    leading = [p for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert parameters[: len(leading)] == leading and 1 <= len(leading) <= 3, name
+    assert all(p.kind is p.KEYWORD_ONLY for p in parameters[len(leading):]), name
+    assert len(parameters) <= MAX_PARAMETERS, f"{name} takes {len(parameters)} parameters"
+
+
+def test_the_formats_the_cli_offers_are_the_writers():
+    from loratools.adapter_files import WRITABLE_FORMATS
+    from loratools.options import ADAPTER_FORMATS
+
+    assert WRITABLE_FORMATS == ADAPTER_FORMATS
+
+
+@pytest.mark.parametrize("code", ["import loratools.cli", "import loratools",
+                                  "from loratools.cli import cli; cli(['--help'], standalone_mode=False)",
+                                  "from loratools.cli import cli; cli(['extract', '--help'], standalone_mode=False)"])
+def test_the_command_line_and_the_package_load_without_torch(code):
+    """``loratools --help`` and ``import loratools`` stay light: torch (and onnx) load when a command runs."""
+    probe = f"{code}\nimport sys\nprint(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
 
 
 def test_every_result_has_to_json_and_notes(tmp_path):

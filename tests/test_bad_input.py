@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
-from loratools.cli import cli
 from tests import bad_inputs as bad
 from tests.bad_inputs import Inputs, make_inputs, snapshot
+from tests.helpers import run_cli
 
 COMMANDS: dict[str, Callable[[Inputs], list[object]]] = {
     "extract": lambda p: ["extract", p.base, p.tuned, "-o", p.out, "--rank", "2"],
@@ -90,10 +89,6 @@ def _cases() -> list:
     return params
 
 
-def invoke(args: list[object]):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
 def assert_one_line_error(result, *names: str) -> str:
     assert result.exit_code == 2, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
     stderr = result.stderr
@@ -128,7 +123,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, good_inputs, case, command):
     else:
         inputs.adapter = bad_path
     before = snapshot(tmp_path)
-    result = invoke(COMMANDS[command](inputs))
+    result = run_cli(*COMMANDS[command](inputs), expect=None)
     assert_one_line_error(result, bad_path.name, *expected)
     assert snapshot(tmp_path) == before  # inputs untouched, no output, no temporaries
 
@@ -136,7 +131,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path, good_inputs, case, command):
 def test_debug_keeps_the_traceback(tmp_path, good_inputs):
     inputs = fresh_inputs(good_inputs, tmp_path / "in")
     inputs.adapter = bad.alpha_is_text(tmp_path / "in")
-    result = CliRunner().invoke(cli, ["--debug", *map(str, COMMANDS["inspect"](inputs))])
+    result = run_cli("--debug", *COMMANDS["inspect"](inputs), expect=None)
     assert result.exit_code != 0 and result.exception is not None
     assert "sixteen" in str(result.exception)
 
@@ -214,7 +209,7 @@ def test_bad_output_is_one_line_exit_2(tmp_path, good_inputs, command, case):
         make = {_inside_input: _inside_base, _is_input: _is_base}.get(make, make)
     expected = make(inputs)
     before = snapshot(tmp_path)
-    result = invoke(COMMANDS[command](inputs))
+    result = run_cli(*COMMANDS[command](inputs), expect=None)
     assert_one_line_error(result, inputs.out.name, *expected)
     assert snapshot(tmp_path) == before
 
@@ -233,7 +228,7 @@ def test_unwritable_folder_is_one_line(tmp_path, good_inputs, monkeypatch):
 
     monkeypatch.setattr(builtins, "open", refusing_open)
     before = snapshot(tmp_path)
-    result = invoke(COMMANDS["convert"](inputs))
+    result = run_cli(*COMMANDS["convert"](inputs), expect=None)
     stderr = assert_one_line_error(result, "out", "Permission denied")
     assert "Errno" not in stderr or "13" in stderr
     assert snapshot(tmp_path) == before
@@ -250,22 +245,22 @@ def test_rank_zero_or_negative_is_refused(tmp_path, good_inputs, command, rank):
     if command == "combine":
         args += ["--method", "svd"]
     before = snapshot(tmp_path)
-    assert_one_line_error(invoke([*args, "--rank", rank]), "--rank", rank)
+    assert_one_line_error(run_cli(*args, "--rank", rank, expect=None), "--rank", rank)
     assert snapshot(tmp_path) == before
 
 
 def test_spectrum_rank_zero_is_refused(tmp_path, good_inputs):
     inputs = fresh_inputs(good_inputs, tmp_path / "in")
-    assert_one_line_error(invoke(["spectrum", inputs.base, inputs.tuned, "--ranks", "0,2"]), "--ranks")
+    assert_one_line_error(run_cli("spectrum", inputs.base, inputs.tuned, "--ranks", "0,2", expect=None), "--ranks")
 
 
 def test_rank_larger_than_the_layer_is_clamped_and_said(tmp_path, good_inputs):
     """FORMATS.md: a layer smaller than the rank asked is clamped to min(out, in), with a warning, not an error."""
     inputs = fresh_inputs(good_inputs, tmp_path / "in")
-    result = invoke(["extract", inputs.base, inputs.tuned, "-o", inputs.out, "--rank", "64", "-q"])
+    result = run_cli("extract", inputs.base, inputs.tuned, "-o", inputs.out, "--rank", "64", "-q", expect=None)
     assert result.exit_code == 0, result.output
     assert "clamped to min(out, in)" in result.stderr
-    resized = invoke(["resize", inputs.adapter, "-o", tmp_path / "r", "--rank", "64", "-q"])
+    resized = run_cli("resize", inputs.adapter, "-o", tmp_path / "r", "--rank", "64", "-q", expect=None)
     assert resized.exit_code == 0, resized.output
 
 
@@ -279,7 +274,7 @@ def test_stray_oserror_is_one_line(tmp_path, good_inputs, monkeypatch):
         raise OSError(5, "Input/output error", str(path))
 
     monkeypatch.setattr(loratools.checkpoint, "read_safetensors_header", failing)
-    assert_one_line_error(invoke(COMMANDS["spectrum"](inputs)), "Input/output error", "base.safetensors")
+    assert_one_line_error(run_cli(*COMMANDS["spectrum"](inputs), expect=None), "Input/output error", "base.safetensors")
 
 
 def test_no_traceback_for_a_folder_named_like_a_weight_file(tmp_path, good_inputs):
@@ -287,5 +282,5 @@ def test_no_traceback_for_a_folder_named_like_a_weight_file(tmp_path, good_input
     (tmp_path / "in" / "weird").mkdir()
     (tmp_path / "in" / "weird" / "model-00001.safetensors").mkdir()
     inputs.base = tmp_path / "in" / "weird"
-    assert_one_line_error(invoke(COMMANDS["spectrum"](inputs)), "weird")
+    assert_one_line_error(run_cli(*COMMANDS["spectrum"](inputs), expect=None), "weird")
     assert os.path.isdir(tmp_path / "in" / "weird" / "model-00001.safetensors")

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import CheckpointError
-from tests.conftest import LLAMA_BASE, LLAMA_BASE_BF16, SD_BASE
+from tests.helpers import LLAMA_BASE, LLAMA_BASE_BF16, SD_BASE
 
 
 def reference_state(path) -> dict[str, torch.Tensor]:
@@ -228,7 +228,7 @@ def test_diffusers_style_index_name(tmp_path):
 
 
 def test_adapter_folder_is_not_a_checkpoint():
-    from tests.conftest import LLAMA_PEFT
+    from tests.helpers import LLAMA_PEFT
 
     with pytest.raises(CheckpointError, match="PEFT adapter folder, not a model checkpoint"):
         open_checkpoint(LLAMA_PEFT)

@@ -15,8 +15,7 @@ from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_commands import convert
 from loratools.adapter_files import load_adapter, save_adapter
 from loratools.errors import FormatError
-from tests.conftest import LLAMA_BASE, LLAMA_PEFT, SD_BASE, SD_KOHYA
-from tests.helpers import adapters, assert_same_deltas, lora_modules, run_cli
+from tests.helpers import LLAMA_BASE, LLAMA_PEFT, SD_BASE, SD_KOHYA, adapters, assert_same_deltas, lora_modules, run_cli
 
 NAMESPACES = ("unet.down_blocks.{i}.proj", "text_encoder.layers.{i}.q_proj", "model.layers.{i}.mlp.up_proj")
 

@@ -27,15 +27,19 @@ from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from loratools.adapter_commands import convert, rescale  # noqa: E402
 from loratools.adapter_files import load_adapter  # noqa: E402
 from loratools.checkpoint import open_checkpoint  # noqa: E402
-from loratools.extract import extract  # noqa: E402
+from loratools.extraction import extract  # noqa: E402
 from loratools.formats import DIFFUSERS_WEIGHTS, default_format, pipeline_names  # noqa: E402
 from loratools.matching import resolve_kohya_names  # noqa: E402
-from loratools.merge import merge  # noqa: E402
+from loratools.merging import merge  # noqa: E402
 from loratools.plan import Selection  # noqa: E402
 from loratools.policies import RankPolicy  # noqa: E402
 from loratools.writer import write_safetensors  # noqa: E402
-from tests.conftest import SD_BASE, SD_KOHYA, SD_TUNED  # noqa: E402
-from tests.helpers import run_cli  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    SD_BASE,
+    SD_KOHYA,
+    SD_TUNED,
+    run_cli,
+)
 
 COMMON = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), cross_attention_dim=16,
               attention_head_dim=2, norm_num_groups=4)

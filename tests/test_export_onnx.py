@@ -5,6 +5,7 @@ export per module-scoped fixture."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -13,8 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import LLAMA_BASE
-from tests.helpers import llama_from, run_cli, save_tiny_gpt2, save_tiny_llama
+from tests.helpers import LLAMA_BASE, LLAMA_PEFT, llama_from, run_cli, save_tiny_gpt2, save_tiny_llama
 from tests.onnx_helpers import (
     assert_one_line_error,
     causal_feeds,
@@ -339,3 +339,16 @@ def test_full_disk_while_writing_is_one_line_and_leaves_nothing(bert, tmp_path, 
     result = run_cli("export-onnx", bert[0] / "base", "-o", tmp_path / "out" / "m.onnx", expect=2)
     assert_one_line_error(result, "No space left on device", "m.onnx")
     assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["merge-onnx", "export-adapter"])
+def test_onnx_commands_without_the_export_extra_are_one_line(command, monkeypatch, tmp_path):
+    """onnx_ir comes with the export extra (onnxscript): without it, one line with the install command."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx_ir" else real(name, *a))
+    graph = LLAMA_PEFT / "adapter_config.json"  # any existing file: the check comes before the graph is read
+    args = (["merge-onnx", graph, "--base", LLAMA_BASE, "-a", LLAMA_PEFT] if command == "merge-onnx"
+            else ["export-adapter", LLAMA_PEFT, "--onnx", graph])
+    result = run_cli(*args, "-o", tmp_path / "out", expect=2)
+    assert result.stderr == f"error: {command} needs onnx_ir: pip install 'loratools[export]'\n"
+    assert list(tmp_path.iterdir()) == []

@@ -15,19 +15,24 @@ from loratools.adapter_files import load_adapter
 from loratools.checkpoint import TensorIndex
 from loratools.deltas import layer_deltas
 from loratools.errors import LoratoolsError
-from loratools.extract import extract
-from loratools.plan import Selection
-from loratools.policies import RankPolicy
-from loratools.rsvd import MAX_POWER_ITERS, SvdSettings
-from tests.conftest import (
+from loratools.extraction import extract
+from loratools.options import RankPolicy, Selection, SvdSettings
+from loratools.rsvd import MAX_POWER_ITERS
+from tests.helpers import (
     LLAMA_BASE,
     LLAMA_BASE_BF16,
     LLAMA_TUNED,
     LLAMA_TUNED_BF16,
     SD_BASE,
     SD_TUNED,
+    llama_from,
+    logits,
+    make_gpt2_pair,
+    peft_logits,
+    rel,
+    run_cli,
+    write_checkpoint_pair,
 )
-from tests.helpers import llama_from, logits, make_gpt2_pair, peft_logits, rel, run_cli, write_checkpoint_pair
 
 
 def rank_r_pair(folder: Path, rank: int = 3) -> tuple[Path, Path, dict[str, torch.Tensor]]:
@@ -207,7 +212,7 @@ def test_kohya_output_of_the_conv_fixture_reads_back_with_identical_deltas(tmp_p
 
 
 def test_conv_rank_applies_to_conv_layers_only(tmp_path):
-    result = extract(SD_BASE, SD_TUNED, tmp_path / "sd.safetensors", policy=RankPolicy("rank", 4), conv_rank=2,
+    result = extract(SD_BASE, SD_TUNED, tmp_path / "sd.safetensors", policy=RankPolicy("rank", 4, conv_rank=2),
                      format="kohya")
     ranks = {layer.name: (layer.kind, layer.rank) for layer in result.layers}
     assert {r for k, r in ranks.values() if k == "conv2d"} == {2}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from tests.conftest import FIXTURES
+from tests.helpers import FIXTURES
 
 
 def test_regenerated_fixtures_match_committed_bytes(tmp_path):

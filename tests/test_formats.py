@@ -16,8 +16,7 @@ from loratools.adapter_files import load_adapter, save_adapter
 from loratools.errors import FormatError
 from loratools.formats import detect_format, kohya_stem, parse, render_kohya, render_peft
 from loratools.matching import resolve_kohya_names
-from tests.conftest import LLAMA_PEFT, SD_BASE, SD_KOHYA
-from tests.helpers import adapters, assert_same_deltas, lora_modules, tiny_random_llama
+from tests.helpers import LLAMA_PEFT, SD_BASE, SD_KOHYA, adapters, assert_same_deltas, lora_modules, tiny_random_llama
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

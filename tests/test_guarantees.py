@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loratools.errors import FormatError
-from loratools.extract import extract
-from loratools.plan import Selection
-from loratools.policies import RankPolicy
+from loratools.extraction import extract
+from loratools.options import RankPolicy, Selection
 from tests.bad_inputs import make_inputs, snapshot
 from tests.helpers import run_cli
 

@@ -12,8 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from loratools.errors import LoratoolsError
 from loratools.inspection import inspect_adapter
-from tests.conftest import LLAMA_PEFT, SD_BASE, SD_KOHYA, SD_TUNED
-from tests.helpers import run_cli, tiny_random_llama
+from tests.helpers import LLAMA_PEFT, SD_BASE, SD_KOHYA, SD_TUNED, run_cli, tiny_random_llama
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
 

@@ -7,8 +7,7 @@ import torch
 
 from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_files import load_adapter, save_adapter
-from tests.conftest import LLAMA_BASE, LLAMA_PEFT
-from tests.helpers import llama_from, logits, peft_logits
+from tests.helpers import LLAMA_BASE, LLAMA_PEFT, llama_from, logits, peft_logits
 
 
 def logits_with_deltas(adapter: Adapter) -> torch.Tensor:

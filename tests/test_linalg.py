@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from loratools.errors import LoratoolsError
 from loratools.linalg import frobenius_energy, residual_energy
-from loratools.policies import RankPolicy
-from loratools.rsvd import MAX_POWER_ITERS, SvdSettings, low_rank, orthonormal_basis, randomized_svd
+from loratools.options import RankPolicy, SvdSettings
+from loratools.rsvd import MAX_POWER_ITERS, low_rank, orthonormal_basis, randomized_svd
 
 
 def with_spectrum(rows: int, cols: int, s: torch.Tensor, seed: int = 0) -> torch.Tensor:

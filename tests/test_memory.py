@@ -35,7 +35,7 @@ def rss_anon():
     raise SystemExit("no RssAnon")
 
 import loratools
-from loratools.policies import RankPolicy
+from loratools.options import RankPolicy
 
 folder, warm = Path(sys.argv[1]), Path(sys.argv[2])
 # warm-up on a 1-layer pair of the same layer size: torch's lazily built kernels and buffers are not the model's

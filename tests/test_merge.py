@@ -15,11 +15,20 @@ from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_files import load_adapter, save_adapter
 from loratools.checkpoint import open_checkpoint
 from loratools.errors import ShapeError
-from loratools.extract import extract
-from loratools.merge import merge
-from loratools.policies import RankPolicy
-from tests.conftest import LLAMA_BASE, LLAMA_BASE_BF16, LLAMA_PEFT, LLAMA_TUNED, SD_BASE, SD_KOHYA, SD_TUNED
-from tests.helpers import llama_from, run_cli
+from loratools.extraction import extract
+from loratools.merging import merge
+from loratools.options import RankPolicy
+from tests.helpers import (
+    LLAMA_BASE,
+    LLAMA_BASE_BF16,
+    LLAMA_PEFT,
+    LLAMA_TUNED,
+    SD_BASE,
+    SD_KOHYA,
+    SD_TUNED,
+    llama_from,
+    run_cli,
+)
 
 
 def read_model(path) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 
 import loratools
-from tests.helpers import run_cli, save_tiny_gpt2, save_tiny_llama
+from tests.helpers import cli_json, run_cli, save_tiny_gpt2, save_tiny_llama
 from tests.onnx_helpers import assert_one_line_error, causal_feeds, peft_adapter, peft_merged, session
 
 transformers = pytest.importorskip("transformers")
@@ -29,10 +29,6 @@ SLOTS = "q_proj,v_proj,o_proj,down_proj,up_proj"
 
 
 # ---- helpers -----------------------------------------------------------------------------------------------
-
-
-def cli_json(command: str, *args) -> dict:
-    return json.loads(run_cli(command, *args, "--json", "-q").stdout)
 
 
 def run_adapter(sess: ort.InferenceSession, feeds: dict, adapter: Path | None) -> dict[str, np.ndarray]:

@@ -11,9 +11,9 @@ import torch
 from loratools import plan as plan_module
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import LoratoolsError, ShapeError
-from loratools.plan import Mismatch, Selection
-from tests.conftest import LLAMA_BASE, LLAMA_TUNED, SD_BASE, SD_TUNED
-from tests.helpers import make_gpt2_pair, write_checkpoint_pair
+from loratools.options import Selection
+from loratools.plan import Mismatch
+from tests.helpers import LLAMA_BASE, LLAMA_TUNED, SD_BASE, SD_TUNED, make_gpt2_pair, write_checkpoint_pair
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

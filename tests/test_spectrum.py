@@ -10,10 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loratools.errors import LoratoolsError
-from loratools.rsvd import SvdSettings
+from loratools.options import SvdSettings
 from loratools.spectrum import rank_spectrum
-from tests.conftest import LLAMA_BASE, LLAMA_TUNED, SD_BASE, SD_TUNED
-from tests.helpers import run_cli, write_pair_with_spectra
+from tests.helpers import LLAMA_BASE, LLAMA_TUNED, SD_BASE, SD_TUNED, run_cli, write_pair_with_spectra
 
 
 def dense_truncation_errors(base_path, tuned_path, tensor: str, transpose: bool = False) -> torch.Tensor:

@@ -11,10 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loratools.adapter_files import load_adapter, save_adapter
-from loratools.rsvd import SvdSettings
+from loratools.options import SvdSettings
 from loratools.verify import verify_adapter
-from tests.conftest import LLAMA_BASE, LLAMA_PEFT, LLAMA_TUNED, SD_BASE, SD_KOHYA, SD_TUNED
-from tests.helpers import run_cli, tiny_random_llama
+from tests.helpers import LLAMA_BASE, LLAMA_PEFT, LLAMA_TUNED, SD_BASE, SD_KOHYA, SD_TUNED, run_cli, tiny_random_llama
 
 
 def dense_reference(base: dict, tuned: dict, adapter) -> dict[str, tuple[float, float]]:

@@ -9,6 +9,7 @@ types only for type checking (a test holds ``import loratools.cli`` and ``--help
 
 from loratools.cli import commands as _commands  # noqa: F401  (registers the commands on the group)
 from loratools.cli import export as _export  # noqa: F401
+from loratools.cli import genai as _genai  # noqa: F401
 from loratools.cli.app import LoratoolsGroup, cli, main
 
 __all__ = ["LoratoolsGroup", "cli", "main"]

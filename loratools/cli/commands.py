@@ -5,9 +5,10 @@ Library modules are imported inside each command, so ``loratools --help`` stays 
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
-from loratools.adapter_files import WRITABLE_FORMATS
 from loratools.cli.app import cli
 from loratools.cli.options import (
     Output,
@@ -27,11 +28,9 @@ from loratools.cli.render import (
     show_verify,
     show_written,
 )
-from loratools.plan import Selection
-from loratools.policies import RankPolicy
-from loratools.rsvd import SvdSettings
+from loratools.options import ADAPTER_FORMATS, RankPolicy, Selection, SvdSettings
 
-ADAPTER_FORMATS = click.Choice(list(WRITABLE_FORMATS))
+FORMAT_CHOICE = click.Choice(ADAPTER_FORMATS)
 
 
 @cli.command("extract")
@@ -42,7 +41,7 @@ ADAPTER_FORMATS = click.Choice(list(WRITABLE_FORMATS))
 @rank_policy_options(default_rank=16)
 @click.option("--conv-rank", type=click.IntRange(min=1), help="Fixed rank for conv2d layers (default: the policy).")
 @selection_options(writes_adapter=True)
-@click.option("--format", "fmt", type=ADAPTER_FORMATS,
+@click.option("--format", "fmt", type=FORMAT_CHOICE,
               help="PEFT folder (or file), kohya / A1111 / ComfyUI file, or diffusers (load_lora_weights) folder or"
                    " file [default: kohya for Stable Diffusion inputs, else peft].")
 @svd_options
@@ -66,10 +65,10 @@ def extract_command(base: str, tuned: str, out: str, dtype: str | None, force: b
       loratools extract unet-base/ unet-tuned/ -o lora --format diffusers
       loratools extract base/ tuned/ -o adapter --dry-run
     """
-    from loratools.extract import extract
+    from loratools.extraction import extract
 
     run(output, "extract", lambda progress: extract(
-        base, tuned, out, policy=policy, conv_rank=conv_rank, selection=selection, svd=svd, format=fmt,
+        base, tuned, out, policy=dataclasses.replace(policy, conv_rank=conv_rank), selection=selection, svd=svd, format=fmt,
         dtype=dtype, dry_run=dry_run, force=force, report=report, progress=progress,
     ), show_extract)
 
@@ -215,7 +214,7 @@ def merge_command(base: str, adapters: tuple[str, ...], out: str, dtype: str | N
       loratools merge fixtures/sd-base.safetensors fixtures/sd-lora-kohya.safetensors -o out/sd.safetensors
       loratools merge base style.safetensors subject -o out/merged -w 0.7 -w 1.0 --dtype bf16 --shard-size 5GB
     """
-    from loratools.merge import merge
+    from loratools.merging import merge
 
     run(output, "merge", lambda progress: merge(
         base, adapters, out, weights=weights, dtype=dtype, shard_size=shard_size, force=force, progress=progress,
@@ -229,7 +228,7 @@ def merge_command(base: str, adapters: tuple[str, ...], out: str, dtype: str | N
 @click.option("--method", type=click.Choice(["concat", "svd"]), default="concat", show_default=True,
               help="concat: exact, ranks add. svd: the exact sum recompressed to a rank policy.")
 @rank_policy_options(default_rank=None, required=False)
-@click.option("--format", "fmt", type=ADAPTER_FORMATS, help="Output format (default: the first's).")
+@click.option("--format", "fmt", type=FORMAT_CHOICE, help="Output format (default: the first's).")
 @output_options
 def combine_command(adapters: tuple[str, ...], out: str, dtype: str | None, force: bool, weights: tuple[float, ...],
                     method: str, policy: RankPolicy | None, fmt: str | None, output: Output) -> None:
@@ -260,7 +259,7 @@ def combine_command(adapters: tuple[str, ...], out: str, dtype: str | None, forc
 @write_options()
 @click.option("--scale", type=float, help="Multiply every delta by S (alpha × S, factors unchanged).")
 @click.option("--alpha", type=float, help="Set alpha to A and keep every delta unchanged (B rescaled).")
-@click.option("--format", "fmt", type=ADAPTER_FORMATS, help="Output format (default: the input's).")
+@click.option("--format", "fmt", type=FORMAT_CHOICE, help="Output format (default: the input's).")
 @output_options
 def rescale_command(adapter: str, out: str, dtype: str | None, force: bool, scale: float | None,
                     alpha: float | None, fmt: str | None, output: Output) -> None:
@@ -282,7 +281,7 @@ def rescale_command(adapter: str, out: str, dtype: str | None, force: bool, scal
 @write_options()
 @rank_policy_options(default_rank=None)
 @click.option("--report", type=click.Path(dir_okay=False), metavar="FILE.json", help="Also write the report as JSON.")
-@click.option("--format", "fmt", type=ADAPTER_FORMATS, help="Output format (default: the input's).")
+@click.option("--format", "fmt", type=FORMAT_CHOICE, help="Output format (default: the input's).")
 @output_options
 def resize_command(adapter: str, out: str, dtype: str | None, force: bool, policy: RankPolicy, report: str | None,
                    fmt: str | None, output: Output) -> None:
@@ -308,7 +307,7 @@ def resize_command(adapter: str, out: str, dtype: str | None, force: bool, polic
 @cli.command("convert")
 @click.argument("adapter", type=click.Path(exists=True))
 @write_options()
-@click.option("--format", "fmt", type=ADAPTER_FORMATS, required=True, help="Output format.")
+@click.option("--format", "fmt", type=FORMAT_CHOICE, required=True, help="Output format.")
 @click.option("--prefix", help="kohya key prefix, e.g. lora_unet_ (default: from each module's namespace).")
 @click.option("--base", type=click.Path(exists=True), help="The model the adapter is for (resolves kohya names).")
 @output_options

@@ -6,17 +6,20 @@ from __future__ import annotations
 import click
 
 from loratools.cli.app import cli
+from loratools.cli.genai import genai_options
 from loratools.cli.options import Command, Output, output_options, run
 from loratools.cli.render_export import show_adapter_export, show_export, show_onnx_merge
+from loratools.options import DEFAULT_ATOL, EXPORT_DTYPES
 
-EXPORT_DTYPES = click.Choice(["fp32", "fp16"])  # `export.kit.EXPORT_DTYPES`; a test holds the two equal
+DTYPE_CHOICE = click.Choice(EXPORT_DTYPES)
+ATOL_DEFAULTS = ", ".join(f"{precision} {atol:g}" for precision, atol in DEFAULT_ATOL.items())
 
 
 def verify_options(func: Command) -> Command:
     """--no-verify, --atol and --keep-on-fail (the fields of `export.VerifyOptions`)."""
     func = click.option("--keep-on-fail", is_flag=True, help="Keep the files when verification fails (still exits 2).")(func)
-    func = click.option("--atol", type=float, help="Verification tolerance (default fp32 1e-4, fp16 2e-2, int8 0.25;"
-                        " scaled by max(1, max |output|)).")(func)
+    func = click.option("--atol", type=float, help=f"Verification tolerance (default {ATOL_DEFAULTS}; scaled by"
+                        " max(1, max |output|)).")(func)
     return click.option("--no-verify", "no_verify", is_flag=True, help="Skip the onnxruntime vs PyTorch check.")(func)
 
 
@@ -31,12 +34,13 @@ def int4_options(func: Command) -> Command:
 
 @cli.command("export-onnx")
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
-@click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="Graph file, e.g. model.onnx.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
+              help="Graph file, e.g. model.onnx (with --genai: the bundle folder).")
 @click.option("-a", "--adapter", "adapters", multiple=True, type=click.Path(exists=True),
               help="Adapter to merge first (PEFT or kohya); repeat for several.")
 @click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight per --adapter, in order (default 1).")
 @click.option("--with-past", is_flag=True, help="Causal LMs: KV-cache inputs past_key_values.* and outputs present.*.")
-@click.option("--dtype", type=EXPORT_DTYPES, default="fp32", show_default=True,
+@click.option("--dtype", type=DTYPE_CHOICE, default="fp32", show_default=True,
               help="Graph precision (bf16 checkpoints are upcast; inputs and outputs stay fp32).")
 @click.option("--quantize", type=click.Choice(["int8", "int4"]),
               help="int8: onnxruntime dynamic quantization; int4: weight-only MatMulNBits (the base of a --lora-slots"
@@ -49,6 +53,7 @@ def int4_options(func: Command) -> Command:
               help="onnxruntime multi-LoRA: add a LoRA slot (inputs <module>.lora_A/B.weight, dynamic rank, empty by"
                    " default) on the modules of an adapter, or on comma-separated module names / globs.")
 @output_options
+@genai_options
 def export_onnx_command(model: str, out: str, adapters: tuple[str, ...], weights: tuple[float, ...], with_past: bool,
                         dtype: str, quantize: str | None, block_size: int, asymmetric: bool, accuracy_level: int,
                         external_data: bool, no_verify: bool, atol: float | None, keep_on_fail: bool, force: bool,
@@ -70,6 +75,8 @@ def export_onnx_command(model: str, out: str, adapters: tuple[str, ...], weights
       loratools export-onnx base -a style.safetensors -w 0.7 -a subject -o out/model.onnx --external-data
       loratools export-onnx fixtures/llama-base --lora-slots q_proj,v_proj -o out/base.onnx --with-past
       loratools export-onnx fixtures/llama-base -o out/int4.onnx --with-past --quantize int4 --block-size 64
+      loratools export-onnx my-llama -a my-lora --genai -o out/bundle        (then: loratools generate out/bundle)
+      loratools export-onnx my-llama --genai --lora-slots q_proj,v_proj --serve chat=lora1 --serve lora2 -o out/b
     """
     from loratools.export import ExportOptions, Int4Options, VerifyOptions, export_onnx
 
@@ -93,7 +100,7 @@ def export_onnx_command(model: str, out: str, adapters: tuple[str, ...], weights
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False), help="The merged graph file.")
 @click.option("--external-data", is_flag=True, help="Tensors in OUT.data beside the graph (automatic above 2 GB).")
 @click.option("--no-verify", "no_verify", is_flag=True, help="Skip the onnxruntime vs PyTorch check.")
-@click.option("--atol", type=float, help="Verification tolerance (default fp32 1e-4, fp16 2e-2; scaled by"
+@click.option("--atol", type=float, help=f"Verification tolerance (default {ATOL_DEFAULTS}; scaled by"
               " max(1, max |output|)).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (never an input).")
 @output_options
@@ -124,10 +131,10 @@ def merge_onnx_command(onnx_model: str, base: str, adapters: tuple[str, ...], we
 @click.option("-o", "--output", "out", required=True, type=click.Path(dir_okay=False),
               help="The onnxruntime adapter file, e.g. name.onnx_adapter.")
 @click.option("-w", "--weight", type=float, default=1.0, show_default=True, help="Multiplies the adapter's delta.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16"]), help="Must be the graph's slot dtype (the default).")
+@click.option("--dtype", type=DTYPE_CHOICE, help="Must be the graph's slot dtype (the default).")
 @click.option("--verify", "verify_model", type=click.Path(exists=True, file_okay=False), metavar="MODEL",
               help="Run the graph with the adapter active against MODEL + adapter merged in PyTorch.")
-@click.option("--atol", type=float, help="Verification tolerance (default fp32 1e-4, fp16 2e-2).")
+@click.option("--atol", type=float, help=f"Verification tolerance (default {ATOL_DEFAULTS}).")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (never an input).")
 @output_options
 def export_adapter_command(adapter: str, onnx_model: str, out: str, weight: float, dtype: str | None,

@@ -21,11 +21,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from loratools.dtypes import OUTPUT_DTYPES
-from loratools.plan import EMBEDDING_MODES, Selection
-from loratools.policies import RankPolicy
+from loratools.options import EMBEDDING_MODES, OUTPUT_DTYPE_NAMES, RankPolicy, Selection, SvdSettings
 from loratools.progress import Progress as ProgressCallback
-from loratools.rsvd import SvdSettings
 
 Command = Callable[..., Any]
 
@@ -132,7 +129,7 @@ def write_options(output_help: str = "Where to write.", dtype_help: str = "Cast 
     def decorate(func: Command) -> Command:
         return _decorate(func, [
             click.option("-o", "--output", "out", required=True, type=click.Path(), metavar="PATH", help=output_help),
-            click.option("--dtype", type=click.Choice(list(OUTPUT_DTYPES)), help=dtype_help),
+            click.option("--dtype", type=click.Choice(OUTPUT_DTYPE_NAMES), help=dtype_help),
             click.option("--force", is_flag=True, help="Replace the output if it exists (never an input)."),
         ])
 

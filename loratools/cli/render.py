@@ -19,9 +19,9 @@ from loratools.cli.options import stdout_console
 if TYPE_CHECKING:  # result types only: importing the command modules here would load torch with --help
     from loratools.adapter_commands import AdapterResult
     from loratools.algebra import ModuleChange
-    from loratools.extract import ExtractResult
+    from loratools.extraction import ExtractResult
     from loratools.inspection import InspectReport
-    from loratools.merge import MergeResult
+    from loratools.merging import MergeResult
     from loratools.plan import Pairing
     from loratools.spectrum import SpectrumReport
     from loratools.verify import VerifyReport

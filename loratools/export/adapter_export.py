@@ -31,7 +31,7 @@ import torch
 import loratools.export.trace as trace
 from loratools.adapter_files import load_usable
 from loratools.errors import ExportError, LoratoolsError, ShapeError
-from loratools.export.kit import DEFAULT_ATOL, ExportCheck, Steps, verify_graph
+from loratools.export.kit import ExportCheck, Steps, require_extras, result_json, verify_graph
 from loratools.export.model import load_merged_model
 from loratools.export.slots import (
     A_SUFFIX,
@@ -44,6 +44,7 @@ from loratools.export.slots import (
     slots_from_metadata,
 )
 from loratools.names import short_list
+from loratools.options import DEFAULT_ATOL
 from loratools.progress import Progress
 from loratools.writer import atomic_output, check_output
 
@@ -80,10 +81,7 @@ class AdapterExportResult:
         return sum(1 for rank in self.ranks.values() if rank)
 
     def to_json(self) -> dict:
-        data = {k: v for k, v in self.__dict__.items() if k != "verification"}
-        data.update(out=str(self.out), onnx=str(self.onnx), filled=self.filled,
-                    verification=self.verification.to_json() if self.verification else None)
-        return data
+        return result_json(self, filled=self.filled)
 
 
 def graph_slots(onnx: Path) -> tuple[list[Slot], str]:
@@ -151,7 +149,7 @@ def export_adapter(
         weight: multiplies the adapter's delta (folded into B with the scale).
         dtype: "fp32"/"fp16": must be the graph's slot dtype (default: it).
         verify: a model folder: run `onnx` with the adapter active against it + adapter merged in PyTorch.
-        atol: verification tolerance (default fp32 1e-4, fp16 2e-2, scaled by max(1, max |torch|)).
+        atol: verification tolerance (default `options.DEFAULT_ATOL`, scaled by max(1, max |torch|)).
     Returns:
         AdapterExportResult: rank per slot (A (in, r), B (r, out) in the file), size, verification.
     Raises:
@@ -161,6 +159,7 @@ def export_adapter(
     Example:
         >>> export_adapter("fixtures/llama-lora-peft", "out/a.onnx_adapter", onnx="out/base.onnx").ranks
     """
+    require_extras("export-adapter", needs=["onnx_ir"])
     from loratools.export.slot_runtime import write_adapter
 
     onnx, out = Path(onnx), Path(out)

@@ -4,7 +4,7 @@ write (a temporary folder beside the output, renamed into place only when verifi
 Decisions:
 - Verification compares max |ort − torch| per output with ``atol × max(1, max |torch|)`` (relative above 1), on
   inputs of another batch and sequence length than the trace (batch 3, 7 tokens, past 6, one padded row);
-  padded positions are left out. Default atol (DEFAULT_ATOL): fp32 1e-4, fp16 2e-2, int8 0.25, int4 0.5. With the KV
+  padded positions are left out. Default atol: `options.DEFAULT_ATOL` by precision. With the KV
   cache it also generates 8 tokens greedily in onnxruntime and compares them with transformers' ``generate``
   (must match for fp32; reported for fp16, int8 and int4, where near-ties may flip).
 - The graph and its ``.data`` file are written into a temporary sibling folder, verified there, then renamed
@@ -27,15 +27,15 @@ import torch
 
 import loratools.export.trace as trace
 from loratools.errors import ExportError, OutputError
-from loratools.export.model import quiet_transformers
+from loratools.options import DEFAULT_ATOL
 from loratools.progress import Progress
+from loratools.silence import quiet_transformers
 from loratools.writer import output_path, remove_stale_temporaries, write_error
 
-EXPORT_DTYPES = ("fp32", "fp16")  # graph precisions; bf16 does not run on onnxruntime's CPU provider
-DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.25, "int4": 0.5}
 VERIFY_SHAPE = (3, 7, 6)  # batch, sequence, past: not TRACE_SHAPE, so dynamic axes are exercised
 GENERATE_PROMPT, GENERATE_STEPS = 5, 8
-EXTRA_DEPENDENCIES = ("transformers", "onnxscript")
+# the `export` extra: transformers builds the model, onnxscript traces it, onnx_ir (onnxscript's) edits graphs
+EXTRA_DEPENDENCIES = ("transformers", "onnxscript", "onnx_ir")
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,9 @@ class ExportCheck:
         return f"greedy generation differs from transformers after {g.get('matched')} of {g.get('steps')} tokens"
 
 
-def require_extras(command: str = "export-onnx") -> None:
-    """ExportError with the install line when transformers or onnxscript (the ``export`` extra) is missing."""
-    missing = [name for name in EXTRA_DEPENDENCIES if importlib.util.find_spec(name) is None]
+def require_extras(command: str = "export-onnx", needs: Sequence[str] = EXTRA_DEPENDENCIES) -> None:
+    """ExportError with the install line when a package of the ``export`` extra that `command` `needs` is missing."""
+    missing = [name for name in needs if importlib.util.find_spec(name) is None]
     if missing:
         raise ExportError(f"{command} needs {' and '.join(missing)}: pip install 'loratools[export]'")
 
@@ -219,3 +219,19 @@ def staged_graph(out: Path, *, force: bool) -> Iterator[Path]:
         raise write_error(out, exc) from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def result_json(result: Any, **extra: Any) -> dict:
+    """A result dataclass as plain JSON: paths as strings, nested results through their own ``to_json()``."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        if hasattr(value, "to_json"):
+            return value.to_json()
+        if isinstance(value, list):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return {**{k: plain(v) for k, v in result.__dict__.items()}, **extra}

@@ -8,11 +8,7 @@ tensors, so the model in memory is exactly what ``loratools merge`` would write,
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +16,10 @@ from typing import Any
 
 import torch
 
-from loratools.checkpoint import TensorIndex, open_checkpoint
+from loratools.checkpoint import TensorIndex, open_checkpoint, read_model_config
 from loratools.errors import CheckpointError, ExportError, LoratoolsError
-from loratools.merge import apply_ops, plan_merge
+from loratools.merging import apply_ops, plan_merge
+from loratools.silence import quiet_transformers
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 IGNORED_MISSING = ("pooler.",)  # an encoder head checkpoint (BertForMaskedLM) has no pooler; it is not exported
@@ -62,27 +59,6 @@ def merged_state(
         yield name, apply_ops(index.get(name), contributions)
 
 
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' logger and Python warnings for the duration (library code never prints)."""
-    import transformers
-
-    logger = logging.getLogger("transformers")
-    level, verbosity = logger.level, transformers.logging.get_verbosity()
-    bars = transformers.logging.is_progress_bar_enabled()
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        transformers.logging.set_verbosity(verbosity)
-        logger.setLevel(level)
-        if bars:
-            transformers.logging.enable_progress_bar()
-
-
 def read_config(folder: str | os.PathLike) -> dict:
     """config.json of a model folder; CheckpointError naming the fix when there is none."""
     path = Path(folder)
@@ -91,10 +67,7 @@ def read_config(folder: str | os.PathLike) -> dict:
         raise CheckpointError(
             f"{folder}: no config.json; export-onnx needs a Hugging Face model folder (config.json + weights)"
         )
-    try:
-        return json.loads(config_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+    return read_model_config(config_path)
 
 
 def _model_kind(config: Any, architectures: Sequence[str]) -> str:

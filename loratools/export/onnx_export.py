@@ -25,17 +25,18 @@ import loratools.export.trace as trace
 from loratools.algebra import adapter_weights
 from loratools.errors import ExportError, LoratoolsError
 from loratools.export.kit import (
-    EXPORT_DTYPES,
     ExportCheck,
     Steps,
     VerifyOptions,
     require_extras,
+    result_json,
     staged_graph,
     verify_graph,
 )
 from loratools.export.model import load_merged_model, read_config
 from loratools.export.quantize import Agreement, Int4Options, Int4Summary, agreement
 from loratools.export.slots import SlottedModule, add_slots, resolve_slots
+from loratools.options import EXPORT_DTYPES
 from loratools.progress import Progress
 from loratools.writer import check_output
 
@@ -138,12 +139,7 @@ class ExportResult:
         return []
 
     def to_json(self) -> dict:
-        data = {k: v for k, v in self.__dict__.items() if k not in ("verification", "int4", "accuracy")}
-        data["out"] = str(self.out)
-        data["verification"] = self.verification.to_json() if self.verification else None
-        data["int4"] = self.int4.to_json() if self.int4 else None
-        data["accuracy"] = self.accuracy.to_json() if self.accuracy else None
-        return data
+        return result_json(self)
 
 
 def export_onnx(

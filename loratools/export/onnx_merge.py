@@ -40,9 +40,17 @@ import loratools.export.trace as trace
 from loratools.algebra import adapter_weights
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.errors import ExportError, OutputError
-from loratools.export.kit import ExportCheck, Steps, VerifyOptions, staged_graph, verify_graph
+from loratools.export.kit import (
+    ExportCheck,
+    Steps,
+    VerifyOptions,
+    require_extras,
+    result_json,
+    staged_graph,
+    verify_graph,
+)
 from loratools.export.model import load_merged_model
-from loratools.merge import apply_ops, plan_merge
+from loratools.merging import apply_ops, plan_merge
 from loratools.names import short_list
 from loratools.progress import Progress
 from loratools.writer import check_output
@@ -94,10 +102,7 @@ class OnnxMergeResult:
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        data = {k: v for k, v in self.__dict__.items() if k not in ("placements", "verification")}
-        data.update(out=str(self.out), source=str(self.source), placements=[p.to_json() for p in self.placements],
-                    verification=self.verification.to_json() if self.verification else None)
-        return data
+        return result_json(self)
 
 
 def _digest(raw: bytes | memoryview) -> bytes:
@@ -220,6 +225,7 @@ def merge_onnx(
     Example:
         >>> merge_onnx("optimum/model.onnx", "merged.onnx", base="base/", adapters=["lora/"]).by_value
     """
+    require_extras("merge-onnx", needs=["onnx_ir"])
     import loratools.export.runtime as runtime
 
     out = Path(out)

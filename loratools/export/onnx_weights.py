@@ -14,7 +14,8 @@ import onnx
 from onnx import numpy_helper
 
 from loratools.errors import ExportError
-from loratools.export.runtime import EXTERNAL_THRESHOLD, ONNX_DTYPES, data_file, load_proto, quiet
+from loratools.export.runtime import EXTERNAL_THRESHOLD, ONNX_DTYPES, data_file, load_proto
+from loratools.silence import ONNX_LOGGERS, silenced
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class OnnxWeights:
         self.path = Path(path)
         header = load_proto(self.path, weights=False)
         self.external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in header.graph.initializer)
-        with quiet():
+        with silenced(ONNX_LOGGERS):
             self.proto = load_proto(self.path, weights=True)
         self._tensors = {t.name: t for t in self.proto.graph.initializer}
         self.initializers = [

@@ -14,7 +14,7 @@ Decisions:
   and passed to the quantizer by node name, so adapters still switch on an int4 base.
 - onnxruntime's quantizer module calls ``logging.basicConfig(level=INFO)`` when imported (a handler on the root
   logger) and logs every node: `_quantizer_class` imports it with the root logger's handlers and level put back,
-  and the run happens inside `runtime.quiet()`.
+  and the run happens inside `silence.silenced(ONNX_LOGGERS)`.
 
 onnx and onnxruntime are imported inside the functions: `Int4Options` is part of `ExportOptions`, which
 ``import loratools`` loads.
@@ -155,9 +155,10 @@ def quantize_int4(src: Path, dst: Path, *, options: Int4Options = Int4Options(),
     """
     import onnx
 
-    from loratools.export.runtime import quiet, save_proto
+    from loratools.export.runtime import save_proto
+    from loratools.silence import ONNX_LOGGERS, silenced
 
-    with quiet():
+    with silenced(ONNX_LOGGERS):
         quantizer_class = _quantizer_class()
         proto = onnx.load(str(src))
         excluded = float_matmuls(proto)

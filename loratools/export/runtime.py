@@ -6,7 +6,6 @@ Arrays here are numpy; the torch side (reference outputs) lives in `trace`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,11 +17,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from loratools.errors import CheckpointError, ExportError
-from loratools.export.silence import silenced
+from loratools.silence import ONNX_LOGGERS, silenced
 
 PROTOBUF_LIMIT = 2_000_000_000  # bytes of weights above which the graph must keep its tensors in a .data file
 EXTERNAL_THRESHOLD = 1024  # tensors at least this big go to the .data file
-QUIET_LOGGERS = ("onnxruntime", "onnx", "onnxscript", "root")
 DROPPED_METADATA = ("pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node", "pkg.torch.onnx.class_hierarchy")
 
 
@@ -41,11 +39,6 @@ class OutputMetrics:
 
     def to_json(self) -> dict:
         return dict(self.__dict__, shape=list(self.shape))
-
-
-def quiet() -> contextlib.AbstractContextManager[None]:
-    """No warnings, prints or log records from onnx and onnxruntime (`silence.silenced`)."""
-    return silenced(QUIET_LOGGERS)
 
 
 def _rename_initializers(graph: ir.Graph, prefix: str) -> None:
@@ -152,7 +145,7 @@ def to_fp16(src: Path, dst: Path, *, external: bool, keep: Sequence[str] | None 
     slot inputs then become fp16)."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    with quiet():
+    with silenced(ONNX_LOGGERS):
         proto = onnx.load(str(src))
         converted = convert_float_to_float16(proto, keep_io_types=list(keep) if keep is not None else True, disable_shape_infer=external)
     save_proto(converted, dst, external=external)
@@ -162,7 +155,7 @@ def to_int8(src: Path, dst: Path, *, external: bool) -> None:
     """onnxruntime's dynamic quantization: MatMul weights int8 (per tensor), activations quantized at run time."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with quiet():
+    with silenced(ONNX_LOGGERS):
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, use_external_data_format=external)
 
 

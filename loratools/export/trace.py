@@ -14,7 +14,6 @@ Batch and sequence axes are dynamic.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import warnings
 from collections.abc import Sequence
@@ -24,11 +23,10 @@ from typing import Any
 import torch
 
 from loratools.errors import ExportError
-from loratools.export.silence import silenced
+from loratools.silence import EXPORTER_LOGGERS, silenced
 
 WRAPPER_ATTRIBUTE = "hf"  # initializers come out as "hf.<parameter name>"; runtime strips the prefix
 TRACE_SHAPE = (2, 5, 4)  # batch, sequence, past length used to trace; verification uses others
-QUIET_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch.fx", "torch._export", "onnxscript")
 
 
 @dataclass(frozen=True)
@@ -207,11 +205,6 @@ def _dynamic_shapes(spec: GraphSpec) -> tuple:
     return (tuple(shapes),)
 
 
-def quiet_exporter() -> contextlib.AbstractContextManager[None]:
-    """Keep the exporter's prints, warnings and log records out of the user's terminal (`silence.silenced`)."""
-    return silenced(QUIET_LOGGERS)
-
-
 def trace(module: GraphModule, *, extra: Sequence[tuple[str, torch.Tensor, dict]] = ()) -> Any:
     """Export `module` with torch.onnx (dynamo=True) on inputs of TRACE_SHAPE, batch and sequence dynamic.
 
@@ -225,7 +218,7 @@ def trace(module: GraphModule, *, extra: Sequence[tuple[str, torch.Tensor, dict]
     inputs = sample_inputs(module, batch=batch, seq=seq, past=past, seed=1)
     module.eval()
     try:
-        with quiet_exporter():
+        with silenced(EXPORTER_LOGGERS):
             return torch.onnx.export(
                 module,
                 (*inputs.values(), *(sample for _, sample, _ in extra)),

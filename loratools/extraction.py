@@ -46,10 +46,10 @@ from loratools.errors import FormatError, LoratoolsError
 from loratools.formats import ORIGINAL_NAMESPACES, default_format, pipeline_names
 from loratools.linalg import pooled_rel_error
 from loratools.names import matches, natural_key, short_list
-from loratools.plan import LayerPair, Pairing, Plan, Selection, WholeTensor, plan_extract
-from loratools.policies import RankPolicy
+from loratools.options import RankPolicy, Selection, SvdSettings
+from loratools.plan import LayerPair, Pairing, Plan, WholeTensor, plan_extract
 from loratools.progress import Progress
-from loratools.rsvd import SvdSettings, low_rank
+from loratools.rsvd import compute_dtype, describe_svd, low_rank, svd_device
 from loratools.writer import check_output, provenance, write_json
 
 
@@ -96,6 +96,7 @@ class ChangedTensor(TensorChange):
 
     saved: bool = False
     why: str = ""
+    left_out: bool = False  # a layer the output format cannot hold (`--format peft` keeps it)
 
 
 @dataclass
@@ -166,7 +167,6 @@ def extract(
     out: str | os.PathLike,
     *,
     policy: RankPolicy = RankPolicy(),
-    conv_rank: int | None = None,
     selection: Selection = Selection(),
     svd: SvdSettings = SvdSettings(),
     format: str | None = None,
@@ -181,7 +181,7 @@ def extract(
     Args:
         base, tuned: checkpoints `open_checkpoint` reads (folders, shards, single files).
         out: output path: a PEFT folder, a ``.safetensors`` file (bare PEFT or kohya).
-        policy: rank policy for every layer; `conv_rank` overrides it with a fixed rank for conv2d layers.
+        policy: rank policy for every layer (``policy.conv_rank``: a fixed rank for conv2d layers).
         selection: which tensors; embeddings as LoRA, whole or skipped; --save-full patterns (`Selection`).
         svd: how each ΔW is factored (randomized or exact, seed, precision, device; `SvdSettings`).
         format: ``peft``, ``kohya`` or ``diffusers``; default from the base checkpoint (`default_format`).
@@ -205,9 +205,7 @@ def extract(
     if format is not None:
         check_format(format)
     written_dtype = resolve_dtype(dtype)
-    if conv_rank is not None and conv_rank < 1:
-        raise LoratoolsError(f"--conv-rank {conv_rank} must be ≥ 1")
-    device = svd.torch_device()
+    device = svd_device(svd)
     check_output(out, [base, tuned], force)
     if report is not None:
         check_output(report, [base, tuned, out], force)
@@ -223,7 +221,7 @@ def extract(
         out_dtype = written_dtype or _tuned_dtype(plan, tuned_index)
         summary = ExtractSummary(
             base=str(base), tuned=str(tuned), output=str(out), format=format, dtype=dtype_name(out_dtype),
-            rank_policy=_describe(policy, conv_rank), algorithm=svd.describe(), device=str(device),
+            rank_policy=policy.describe(), algorithm=describe_svd(svd), device=str(device),
             kind_source=plan.kind_source, format_reason=format_reason, task_type=plan.task_type, pairing=plan.pairing,
             excluded=len(plan.excluded),
         )
@@ -236,7 +234,7 @@ def extract(
         full = _compare_whole(plan, base_index, tuned_index, result, progress, total)
         factors: dict[LayerPair, tuple[torch.Tensor, torch.Tensor]] = {}
         # one ΔW in memory at a time, each formed in the same workspace while the next is read ahead
-        deltas = layer_deltas(base_index, tuned_index, plan.pairs, dtype=svd.dtype, device=device, reuse=True)
+        deltas = layer_deltas(base_index, tuned_index, plan.pairs, dtype=compute_dtype(svd), device=device, reuse=True)
         for number, pair in enumerate(plan.pairs):
             if progress:
                 progress(len(plan.whole) + number, total, pair.module)
@@ -245,7 +243,7 @@ def extract(
             if delta.energy == 0:
                 result.unchanged += 1
                 continue
-            layer_policy = RankPolicy("rank", conv_rank) if conv_rank and pair.kind == "conv2d" else policy
+            layer_policy = policy.for_kind(pair.kind)
             lr = low_rank(delta.matrix, layer_policy, settings=svd.for_layer(pair.module), total_energy=delta.energy)
             if lr.rank:
                 left, right = lr.factors()
@@ -276,9 +274,6 @@ def extract(
     return result
 
 
-LEFT_OUT = "(--format peft keeps it)"  # ends the `why` of layers a kohya or diffusers file cannot hold
-
-
 def _check_plan_format(plan: Plan, format: str, selection: Selection = Selection()) -> None:
     """Fit the plan to what `format` can hold (kohya, diffusers: no embedding or Conv1D LoRAs, no whole tensors).
 
@@ -297,8 +292,8 @@ def _check_plan_format(plan: Plan, format: str, selection: Selection = Selection
         if pattern is not None:
             raise FormatError(f"{pair.tensor}: {format} has no {pair.kind} layout, but --include {pattern!r} asks for"
                               " it; use --format peft, or an --include pattern that leaves it out")
-        why = f"{pair.kind}: {format} has no {pair.kind} layout {LEFT_OUT}"
-        plan.whole.append(WholeTensor(pair.tensor, pair.shape, False, why))
+        why = f"{pair.kind}: {format} has no {pair.kind} layout (--format peft keeps it)"
+        plan.whole.append(WholeTensor(pair.tensor, pair.shape, False, why, left_out=True))
     if len(kept) != len(plan.pairs):
         plan.pairs = kept
         plan.whole.sort(key=lambda w: natural_key(w.tensor))
@@ -345,10 +340,6 @@ def _tuned_dtype(plan: Plan, tuned: TensorIndex) -> torch.dtype:
     return floating[0] if floating else torch.float32
 
 
-def _describe(policy: RankPolicy, conv_rank: int | None) -> str:
-    return policy.describe() + (f", conv rank {conv_rank}" if conv_rank else "")
-
-
 def _compare_whole(
     plan: Plan, base: TensorIndex, tuned: TensorIndex, result: ExtractResult, progress: Progress | None, total: int
 ) -> dict[str, torch.Tensor]:
@@ -363,7 +354,7 @@ def _compare_whole(
         if change is None:
             result.unchanged += 1
             continue
-        result.changed.append(ChangedTensor(**asdict(change), saved=whole.save, why=whole.why))
+        result.changed.append(ChangedTensor(**asdict(change), saved=whole.save, why=whole.why, left_out=whole.left_out))
         if whole.save:
             _refuse_module_conflict(whole, lora_modules)
             full[whole.tensor] = tuned.get(whole.tensor)
@@ -415,11 +406,11 @@ def _finish_summary(result: ExtractResult, adapter: Adapter, out_dtype: torch.dt
     if zero:
         notes.append(f"{len(zero)} changed layer(s) got rank 0 under {summary.rank_policy} and are not in the"
                      f" adapter: {short_list(zero)}")
-    left_out = [c.name for c in result.changed if not c.saved and c.why.endswith(LEFT_OUT)]
+    left_out = [c.name for c in result.changed if not c.saved and c.left_out]
     if left_out:
         notes.append(f"{len(left_out)} changed tensor(s) the {summary.format} format cannot hold were left out: "
                      f"{short_list(left_out)}; use --format peft to keep them")
-    dropped = [c.name for c in result.changed if not c.saved and not c.why.endswith(LEFT_OUT)]
+    dropped = [c.name for c in result.changed if not c.saved and not c.left_out]
     if dropped:
         notes.append(f"{len(dropped)} changed tensor(s) cannot be a LoRA and were not saved: {short_list(dropped)};"
                      " save them whole with --save-full PATTERN (PEFT modules_to_save)")
