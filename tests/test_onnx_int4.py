@@ -208,6 +208,7 @@ def test_external_data_readable_like_the_graph(tmp_path):
     assert session(graph).run(None, {"x": np.ones((1, 64), np.float32)})[0].shape == (1, 48)
 
 
+@pytest.mark.slow
 def test_root_logger_untouched_by_the_quantizer_import(tmp_path):
     """onnxruntime's quantizer calls logging.basicConfig(level=INFO) when first imported: a fresh process shows
     that quantize_int4 leaves the root logger's handlers and level as they were."""
