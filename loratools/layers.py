@@ -39,8 +39,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 # third-party package -> the modules allowed to import it
 OWNERS: dict[str, tuple[str, ...]] = {
-    "onnx": ("export.runtime", "export.slot_runtime", "export.onnx_weights"),
-    "onnxruntime": ("export.runtime", "export.slot_runtime", "export.onnx_weights"),
+    "onnx": ("export.runtime", "export.slot_runtime", "export.onnx_weights", "export.quantize"),
+    "onnxruntime": ("export.runtime", "export.slot_runtime", "export.onnx_weights", "export.quantize"),
     "onnx_ir": ("export.runtime", "export.slot_runtime"),
     "onnxscript": (),
     "onnxruntime_genai": ("export.genai_runtime",),

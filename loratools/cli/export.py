@@ -23,6 +23,15 @@ def verify_options(func: Command) -> Command:
     return click.option("--no-verify", "no_verify", is_flag=True, help="Skip the onnxruntime vs PyTorch check.")(func)
 
 
+def int4_options(func: Command) -> Command:
+    """--block-size, --asymmetric and --accuracy-level (the fields of `export.quantize.Int4Options`)."""
+    func = click.option("--accuracy-level", type=int, default=4, show_default=True,
+                        help="int4: MatMulNBits compute on CPU (4 int8, 1 fp32).")(func)
+    func = click.option("--asymmetric", is_flag=True, help="int4: a zero point per block besides the scale.")(func)
+    return click.option("--block-size", type=int, default=32, show_default=True,
+                        help="int4: weights per scale (16, 32, 64, 128, 256).")(func)
+
+
 @cli.command("export-onnx")
 @click.argument("model", type=click.Path(exists=True, file_okay=False))
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
@@ -33,7 +42,10 @@ def verify_options(func: Command) -> Command:
 @click.option("--with-past", is_flag=True, help="Causal LMs: KV-cache inputs past_key_values.* and outputs present.*.")
 @click.option("--dtype", type=DTYPE_CHOICE, default="fp32", show_default=True,
               help="Graph precision (bf16 checkpoints are upcast; inputs and outputs stay fp32).")
-@click.option("--quantize", type=click.Choice(["int8"]), help="onnxruntime dynamic quantization (int8 weights).")
+@click.option("--quantize", type=click.Choice(["int8", "int4"]),
+              help="int8: onnxruntime dynamic quantization; int4: weight-only MatMulNBits (the base of a --lora-slots"
+                   " graph only: LoRA branches stay float).")
+@int4_options
 @click.option("--external-data", is_flag=True, help="Tensors in OUT.data beside the graph (automatic above 2 GB).")
 @verify_options
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (never an input).")
@@ -43,8 +55,9 @@ def verify_options(func: Command) -> Command:
 @output_options
 @genai_options
 def export_onnx_command(model: str, out: str, adapters: tuple[str, ...], weights: tuple[float, ...], with_past: bool,
-                        dtype: str, quantize: str | None, external_data: bool, no_verify: bool, atol: float | None,
-                        keep_on_fail: bool, force: bool, lora_slots: str | None, output: Output) -> None:
+                        dtype: str, quantize: str | None, block_size: int, asymmetric: bool, accuracy_level: int,
+                        external_data: bool, no_verify: bool, atol: float | None, keep_on_fail: bool, force: bool,
+                        lora_slots: str | None, output: Output) -> None:
     """Export MODEL (a Hugging Face folder), with adapters merged in memory, to ONNX and verify it.
 
     Causal LMs (Llama, Qwen2, GPT-2 …) get inputs input_ids, attention_mask, position_ids and output logits;
@@ -61,15 +74,17 @@ def export_onnx_command(model: str, out: str, adapters: tuple[str, ...], weights
       loratools export-onnx fixtures/llama-base -a fixtures/llama-lora-peft -o out/merged.onnx --quantize int8
       loratools export-onnx base -a style.safetensors -w 0.7 -a subject -o out/model.onnx --external-data
       loratools export-onnx fixtures/llama-base --lora-slots q_proj,v_proj -o out/base.onnx --with-past
+      loratools export-onnx fixtures/llama-base -o out/int4.onnx --with-past --quantize int4 --block-size 64
       loratools export-onnx my-llama -a my-lora --genai -o out/bundle        (then: loratools generate out/bundle)
       loratools export-onnx my-llama --genai --lora-slots q_proj,v_proj --serve chat=lora1 --serve lora2 -o out/b
     """
-    from loratools.export import ExportOptions, VerifyOptions, export_onnx
+    from loratools.export import ExportOptions, Int4Options, VerifyOptions, export_onnx
 
     run(output, "export-onnx", lambda progress: export_onnx(
         model, out, adapters=adapters, weights=weights or None,
         options=ExportOptions(with_past=with_past, dtype=dtype, quantize=quantize, external_data=external_data,
-                              lora_slots=lora_slots),
+                              lora_slots=lora_slots, int4=Int4Options(block_size=block_size, symmetric=not asymmetric,
+                                                                      accuracy_level=accuracy_level)),
         checks=VerifyOptions(verify=not no_verify, atol=atol, keep_on_fail=keep_on_fail), force=force,
         progress=progress,
     ), show_export)

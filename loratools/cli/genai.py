@@ -57,11 +57,11 @@ def genai_options(func: Command) -> Command:
 def _export_bundle(model: str, out: str, adapters: tuple[str, ...], weights: tuple[float, ...], no_verify: bool,
                    atol: float | None, keep_on_fail: bool, force: bool, output: Output, tokenizer: str | None,
                    no_tokenizer: bool, serve: tuple[str, ...], verify_tokens: int | None, verify_prompt: str | None,
-                   **graph: Any) -> None:
-    """export-onnx's other options (--dtype, --quantize, --lora-slots …) are the fields of `ExportOptions` by name;
-    --with-past is implied."""
+                   block_size: int, asymmetric: bool, accuracy_level: int, **graph: Any) -> None:
+    """export-onnx's other options (--dtype, --quantize, --lora-slots …) are the fields of `ExportOptions` by name,
+    the int4 ones those of `Int4Options`; --with-past is implied."""
     from loratools.cli.options import run
-    from loratools.export import ExportOptions, VerifyOptions
+    from loratools.export import ExportOptions, Int4Options, VerifyOptions
     from loratools.export.genai_bundle import BundleOptions, ServedAdapter, export_genai
 
     bundle = BundleOptions(tokenizer=tokenizer, no_tokenizer=no_tokenizer,
@@ -70,7 +70,8 @@ def _export_bundle(model: str, out: str, adapters: tuple[str, ...], weights: tup
                            prompt=verify_prompt or BundleOptions.prompt)
     run(output, "export-onnx --genai", lambda progress: export_genai(
         model, out, adapters=adapters, weights=weights or None,
-        options=ExportOptions(**{**graph, "with_past": True}),
+        options=ExportOptions(**{**graph, "with_past": True}, int4=Int4Options(
+            block_size=block_size, symmetric=not asymmetric, accuracy_level=accuracy_level)),
         bundle=bundle, checks=VerifyOptions(verify=not no_verify, atol=atol, keep_on_fail=keep_on_fail),
         force=force, progress=progress,
     ), show_bundle)

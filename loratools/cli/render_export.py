@@ -25,12 +25,26 @@ def show_export(result: ExportResult, quiet: bool) -> None:
     if result.slots:
         console.print(f"  {len(result.slots)} LoRA slot(s): inputs <module>.lora_A.weight (in, r) and"
                       f" <module>.lora_B.weight (r, out), r dynamic, empty by default; e.g. {result.slots[0]}")
+    if result.int4 is not None:
+        o = result.int4.options
+        kept = f"; {len(result.int4.kept_float)} LoRA MatMul(s) kept float" if result.int4.kept_float else ""
+        console.print(f"  int4: {result.int4.quantized} MatMul(s) as MatMulNBits (block {o.block_size},"
+                      f" {'symmetric' if o.symmetric else 'asymmetric'}, accuracy level {o.accuracy_level}){kept}")
+    if result.precision != "fp32" and result.fp32_bytes:
+        written = sum(result.files.values())
+        console.print(f"  size: {human_bytes(written)} written, {written / result.fp32_bytes:.0%} of the fp32 weights"
+                      f" ({human_bytes(result.fp32_bytes)})")
     console.print("  timings: " + ", ".join(f"{step} {seconds:.1f}s" for step, seconds in result.timings.items()))
     check = result.verification
     if check is None:
         console.print("  not verified (--no-verify)")
         return
     _show_check(console, check, quiet, "no adapter active: " if result.slots else "")
+    if result.accuracy is not None:
+        a = result.accuracy
+        greedy = f", greedy tokens {a.greedy_matched}/{a.greedy_steps} equal" if a.greedy_steps is not None else ""
+        console.print(f"accuracy of {result.precision} vs PyTorch fp32: logits cosine {a.logits_cosine:.5f}, top-1"
+                      f" agreement {a.top1:.1%}{greedy}")
 
 
 def _show_check(console: Console, check: ExportCheck, quiet: bool, prefix: str = "") -> None:

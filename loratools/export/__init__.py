@@ -8,7 +8,8 @@ Modules, by what they hold:
   elsewhere, ``merge-onnx``);
 - `genai_config` (genai_config.json from config dicts; pure), `genai_bundle` (`export_genai`: onnxruntime-genai
   bundle folders, ``export-onnx --genai``), `genai_generate` (`generate`: text from a bundle, ``generate``);
-- `slots` (which modules get a LoRA slot, the branch; torch);
+- `slots` (which modules get a LoRA slot, the branch; torch); `quantize` (int4 MatMulNBits of a written graph,
+  the accuracy report of quantized graphs);
 - the only importers of onnx / onnxruntime: `runtime` (finish, save, run exported graphs), `slot_runtime`
   (slot defaults, adapter files, runs with adapters), `onnx_weights` (initializers of a graph made elsewhere);
   the only importer of onnxruntime_genai: `genai_runtime` (load a bundle, tokenize, generate).
@@ -27,7 +28,8 @@ from loratools.export.genai_generate import GenerateOptions, GenerateResult, gen
 from loratools.export.kit import ExportCheck, VerifyOptions
 from loratools.export.onnx_export import ExportOptions, ExportResult, export_onnx
 from loratools.export.onnx_merge import OnnxMergeResult, merge_onnx
+from loratools.export.quantize import Int4Options, quantize_int4
 
 __all__ = ["AdapterExportResult", "BundleOptions", "BundleResult", "ExportCheck", "ExportOptions", "ExportResult",
-           "GenerateOptions", "GenerateResult", "OnnxMergeResult", "ServedAdapter", "VerifyOptions", "export_adapter",
-           "export_genai", "export_onnx", "generate", "merge_onnx"]
+           "GenerateOptions", "GenerateResult", "Int4Options", "OnnxMergeResult", "ServedAdapter", "VerifyOptions",
+           "export_adapter", "export_genai", "export_onnx", "generate", "merge_onnx", "quantize_int4"]

@@ -6,7 +6,7 @@ Decisions:
   inputs of another batch and sequence length than the trace (batch 3, 7 tokens, past 6, one padded row);
   padded positions are left out. Default atol: `options.DEFAULT_ATOL` by precision. With the KV
   cache it also generates 8 tokens greedily in onnxruntime and compares them with transformers' ``generate``
-  (must match for fp32; reported for fp16 and int8, where near-ties may flip).
+  (must match for fp32; reported for fp16, int8 and int4, where near-ties may flip).
 - The graph and its ``.data`` file are written into a temporary sibling folder, verified there, then renamed
   into place (data first, graph last): a failure leaves nothing, unless ``keep_on_fail``.
 """

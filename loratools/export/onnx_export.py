@@ -6,7 +6,10 @@ Steps (reported through ``progress`` as (step, steps, name)): merge, trace, writ
 Decisions:
 - fp32 by default whatever the checkpoint dtype (onnxruntime's CPU provider does not run bf16); ``dtype="fp16"``
   converts the written graph with onnxruntime's converter, inputs and outputs staying fp32; ``quantize="int8"``
-  is onnxruntime's dynamic quantization of the fp32 graph.
+  is onnxruntime's dynamic quantization of the fp32 graph; ``quantize="int4"`` its weight-only MatMulNBits
+  quantization (`quantize`), also of slotted graphs, whose LoRA branches stay float.
+- A quantized or fp16 graph reports its agreement with PyTorch fp32 (`quantize.Agreement`: logits cosine, top-1,
+  greedy tokens) and the fp32 weight bytes beside the bytes written.
 - Verification and the staged write are the kit's (`kit`): a failure leaves nothing, unless ``keep_on_fail``.
 """
 
@@ -31,13 +34,14 @@ from loratools.export.kit import (
     verify_graph,
 )
 from loratools.export.model import load_merged_model, read_config
+from loratools.export.quantize import Agreement, Int4Options, Int4Summary, agreement
 from loratools.export.slots import SlottedModule, add_slots, resolve_slots
 from loratools.options import EXPORT_DTYPES
 from loratools.progress import Progress
 from loratools.writer import check_output
 
-QUANTIZE = ("int8",)
-BYTES_PER_WEIGHT = {"fp32": 1.0, "fp16": 0.5, "int8": 0.25}
+QUANTIZE = ("int8", "int4")
+BYTES_PER_WEIGHT = {"fp32": 1.0, "fp16": 0.5, "int8": 0.25, "int4": 0.16}  # int4: 4 bits + a scale per 32
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,9 @@ class ExportOptions:
         with_past: causal LMs: KV-cache inputs ``past_key_values.{i}.key/.value`` (batch, kv_heads, past,
             head_dim) and outputs ``present.{i}.key/.value``.
         dtype: "fp32" (default) or "fp16" (EXPORT_DTYPES).
-        quantize: None or "int8" (dynamic, fp32 graph).
+        quantize: None, "int8" (dynamic, fp32 graph) or "int4" (weight-only MatMulNBits; LoRA slots stay float).
+        int4: block size, symmetric or not, accuracy level of "int4" (`quantize.Int4Options`; defaults as
+            onnxruntime-genai's CPU int4 models).
         external_data: tensors in ``<out>.data`` (automatic when the weights pass 2 GB).
         lora_slots: onnxruntime multi-LoRA: an adapter path (its modules become the slots) or comma-separated
             module names / leaf names / globs; each such Linear or Conv1D layer adds ``(x @ A) @ B`` with A, B
@@ -61,6 +67,7 @@ class ExportOptions:
     quantize: str | None = None
     external_data: bool = False
     lora_slots: str | None = None
+    int4: Int4Options = Int4Options()
 
     def __post_init__(self) -> None:
         if self.dtype not in EXPORT_DTYPES:
@@ -70,10 +77,13 @@ class ExportOptions:
             raise LoratoolsError(f"unknown quantization {self.quantize!r}; choose {', '.join(QUANTIZE)}")
         if self.quantize and self.dtype != "fp32":
             raise LoratoolsError(f"--quantize {self.quantize} quantizes the fp32 graph; drop --dtype fp16")
-        if self.quantize and self.lora_slots:
+        if self.quantize != "int4" and self.int4 != Int4Options():
+            raise LoratoolsError("--block-size, --asymmetric and --accuracy-level set int4 quantization; add"
+                                 " --quantize int4 or drop them")
+        if self.quantize == "int8" and self.lora_slots:
             raise LoratoolsError(f"--quantize {self.quantize} does not apply to a graph with --lora-slots (the LoRA"
-                                 " branch would be quantized as activations); export the slotted graph in fp32 or"
-                                 " fp16")
+                                 " branch would be quantized as activations); use --quantize int4 (the base"
+                                 " weights only) or export the slotted graph in fp32 or fp16")
 
     @property
     def precision(self) -> str:
@@ -92,6 +102,9 @@ class ExportResult:
         verification: None with ``verify=False``.
         slots: modules with a LoRA slot (``lora_slots``): inputs ``<module>.lora_A.weight`` (in, lora_r) and
             ``<module>.lora_B.weight`` (lora_r, out), zero-size by default.
+        fp32_bytes: bytes of the fp32 weights (compare with `files` for a quantized graph).
+        int4: what the int4 quantizer did (``quantize="int4"``), else None.
+        accuracy: a quantized or fp16 causal LM's agreement with PyTorch fp32 (needs the verification).
     """
 
     out: Path
@@ -112,6 +125,9 @@ class ExportResult:
     timings: dict[str, float]
     verification: ExportCheck | None = None
     slots: list[str] = field(default_factory=list)
+    fp32_bytes: int = 0
+    int4: Int4Summary | None = None
+    accuracy: Agreement | None = None
 
     @property
     def precision(self) -> str:
@@ -185,6 +201,7 @@ def export_onnx(
             program = trace.trace(module)
 
     report: ExportCheck | None = None
+    int4: Int4Summary | None = None
     with staged_graph(out, force=force) as tmp_dir:
         with steps("write"):
             removed = runtime.finish_model(program.model, prefix=trace.WRAPPER_ATTRIBUTE + ".")
@@ -203,6 +220,10 @@ def export_onnx(
                 if precision == "fp16":  # slot inputs become fp16 too: adapters then are fp16, like the weights
                     keep = [*spec.inputs, *spec.outputs] if options.lora_slots else None
                     runtime.to_fp16(staging / out.name, graph, external=external, keep=keep)
+                elif precision == "int4":
+                    from loratools.export.quantize import quantize_int4
+
+                    int4 = quantize_int4(staging / out.name, graph, options=options.int4, external=external)
                 else:
                     runtime.to_int8(staging / out.name, graph, external=external)
                 shutil.rmtree(staging)
@@ -225,7 +246,8 @@ def export_onnx(
         external_data=runtime.data_file(out).exists(), opset=facts["opset"], inputs=facts["inputs"],
         outputs=facts["outputs"], adapters=[str(a) for a in adapters], merged_tensors=loaded.merged_tensors,
         tied_copies_removed=removed, timings=steps.timings, verification=report,
-        slots=[slot.module for slot in getattr(module, "slots", [])],
+        slots=[slot.module for slot in getattr(module, "slots", [])], fp32_bytes=fp32_bytes, int4=int4,
+        accuracy=agreement(report) if report is not None and precision != "fp32" else None,
     )
     if report is not None and not report.passed:
         raise ExportError(f"{out}: verification failed: {report.failure()}; the file was kept (--keep-on-fail)")

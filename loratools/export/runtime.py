@@ -127,10 +127,14 @@ def save_ir(model: ir.Model, path: Path, *, external: bool) -> None:
         ir.save(model, path)
 
 
-def _save_proto(proto: onnx.ModelProto, path: Path, *, external: bool) -> None:
+def save_proto(proto: onnx.ModelProto, path: Path, *, external: bool) -> None:
+    """Write `proto` to `path`; with `external`, tensors ≥ 1 KiB go to ``<path>.data`` beside it (with the graph
+    file's permissions: onnx creates it 0600, which a server running as another user cannot read)."""
     if external:
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data_file(path).name, size_threshold=EXTERNAL_THRESHOLD)
+        if data_file(path).exists():
+            os.chmod(data_file(path), path.stat().st_mode & 0o777)
     else:
         onnx.save_model(proto, str(path))
 
@@ -144,7 +148,7 @@ def to_fp16(src: Path, dst: Path, *, external: bool, keep: Sequence[str] | None 
     with silenced(ONNX_LOGGERS):
         proto = onnx.load(str(src))
         converted = convert_float_to_float16(proto, keep_io_types=list(keep) if keep is not None else True, disable_shape_infer=external)
-    _save_proto(converted, dst, external=external)
+    save_proto(converted, dst, external=external)
 
 
 def to_int8(src: Path, dst: Path, *, external: bool) -> None:
