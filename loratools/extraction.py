@@ -134,7 +134,8 @@ class ExtractSummary:
 class ExtractResult:
     """The outcome of `extract`: the plan, per-layer reports, changed whole tensors and a summary.
 
-    `adapter` is the extracted Adapter in float32 (None for a dry run); `output` the written path.
+    `adapter` is the extracted Adapter in float32 (None for a dry run), `written_dtype` the dtype extract writes
+    it in, `pipeline_names` the diffusers names of its kohya / diffusers keys (None for PEFT).
     """
 
     plan: Plan
@@ -144,6 +145,8 @@ class ExtractResult:
     unchanged: int = 0
     adapter: Adapter | None = None
     dry_run: bool = False
+    written_dtype: torch.dtype = torch.float32
+    pipeline_names: dict[str, str] | None = None
 
     @property
     def notes(self) -> list[str]:
@@ -201,13 +204,59 @@ def extract(
         >>> result.summary.rel_error, [layer.rank for layer in result.layers][:3]
     """
     started = time.perf_counter()
-    if format is not None:
-        check_format(format)
-    written_dtype = resolve_dtype(dtype)
-    device = svd_device(svd)
+    _check_arguments(format, dtype, svd)
     check_output(out, [base, tuned], force)
     if report is not None:
         check_output(report, [base, tuned, out], force)
+    result = extract_adapter(base, tuned, policy=policy, selection=selection, svd=svd, format=format, dtype=dtype,
+                             dry_run=dry_run, progress=progress)
+    summary = result.summary
+    summary.output = str(out)
+    if result.adapter is not None:
+        parameters = {"rank_policy": summary.rank_policy, "algorithm": summary.algorithm}
+        save_adapter(result.adapter, out, format=summary.format, inputs=[base, tuned], force=force,
+                     dtype=result.written_dtype, metadata=provenance("extract", [base, tuned], parameters),
+                     names=result.pipeline_names)
+        summary.seconds = time.perf_counter() - started
+        summary.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if report is not None:
+        write_json(report, result.to_json(), inputs=[base, tuned, out], force=force)
+    return result
+
+
+def _check_arguments(format: str | None, dtype: DType | None, svd: SvdSettings) -> torch.dtype | None:
+    """Check --format, --dtype and --device before any work; the written dtype asked for (None: the tuned one)."""
+    if format is not None:
+        check_format(format)
+    svd_device(svd)
+    return resolve_dtype(dtype)
+
+
+def extract_adapter(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    *,
+    policy: RankPolicy = RankPolicy(),
+    selection: Selection = Selection(),
+    svd: SvdSettings = SvdSettings(),
+    format: str | None = None,
+    dtype: DType | None = None,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+) -> ExtractResult:
+    """The adapter `extract` writes, in memory, writing nothing: arguments as for `extract`.
+
+    Returns:
+        An ExtractResult whose ``adapter`` holds float32 factors (None for a dry run); ``written_dtype`` is the
+        dtype `extract` writes them in, ``pipeline_names`` the diffusers names of kohya / diffusers keys.
+    Example:
+        >>> result = extract_adapter("fixtures/llama-base", "fixtures/llama-tuned", policy=RankPolicy("rank", 8))
+        >>> result.adapter.to(result.written_dtype).ranks[:2]
+        [8, 8]
+    """
+    started = time.perf_counter()
+    written_dtype = _check_arguments(format, dtype, svd)
+    device = svd_device(svd)
     with open_checkpoint(base) as base_index, open_checkpoint(tuned) as tuned_index:
         config = base_index.config or tuned_index.config
         format_reason = f"{format}: given with --format"
@@ -219,15 +268,13 @@ def extract(
         _check_pipeline_names(plan, names, format)
         out_dtype = written_dtype or _tuned_dtype(plan, tuned_index)
         summary = ExtractSummary(
-            base=str(base), tuned=str(tuned), output=str(out), format=format, dtype=dtype_name(out_dtype),
+            base=str(base), tuned=str(tuned), output="", format=format, dtype=dtype_name(out_dtype),
             rank_policy=policy.describe(), algorithm=describe_svd(svd), device=str(device),
             kind_source=plan.kind_source, format_reason=format_reason, task_type=plan.task_type, pairing=plan.pairing,
             excluded=len(plan.excluded),
         )
-        result = ExtractResult(plan, summary, dry_run=dry_run)
+        result = ExtractResult(plan, summary, dry_run=dry_run, written_dtype=out_dtype, pipeline_names=names)
         if dry_run:
-            if report is not None:
-                write_json(report, result.to_json(), inputs=[base, tuned, out], force=force)
             return result
         total = len(plan.whole) + len(plan.pairs)
         full = _compare_whole(plan, base_index, tuned_index, result, progress, total)
@@ -263,13 +310,7 @@ def extract(
             f" {len(result.changed)} changed tensors not saved); check the paths, or save changed tensors with"
             " --save-full PATTERN"
         )
-    parameters = {"rank_policy": summary.rank_policy, "algorithm": summary.algorithm}
-    save_adapter(adapter, out, format=format, inputs=[base, tuned], force=force, dtype=out_dtype,
-                 metadata=provenance("extract", [base, tuned], parameters), names=names)
     summary.seconds = time.perf_counter() - started
-    summary.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    if report is not None:
-        write_json(report, result.to_json(), inputs=[base, tuned, out], force=force)
     return result
 
 

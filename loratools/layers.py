@@ -18,12 +18,14 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("data", ("adapter", "checkpoint")),
     # randomized SVD and low_rank; spectrum statistics
     ("algorithms", ("rsvd", "spectral")),
-    # adapter key formats (one module per format); atomic writes and provenance; which tensors become which ops
-    ("formats and io", ("formats", "formats.*", "writer", "plan")),
+    # adapter key formats (one module per format); atomic writes and provenance; which tensors become which ops;
+    # Hugging Face model folders loaded with transformers (config, kind, model, tokenizer)
+    ("formats and io", ("formats", "formats.*", "writer", "plan", "hf_model")),
     # adapter files in and out; adapter math on factors; ΔW streaming; adapter module <-> checkpoint tensor
     ("adapter operations", ("adapter_files", "algebra", "deltas", "matching")),
     # one module per command family: each opens its inputs, calls the layers below, writes, returns a result
-    ("commands", ("extraction", "spectrum", "verify", "inspection", "merging", "adapter_commands", "plot")),
+    ("commands", ("extraction", "spectrum", "verify", "inspection", "merging", "adapter_commands", "plot",
+                  "behaviour")),
     # ONNX export, multi-LoRA slots and adapter files, ONNX merge (onnx and onnxruntime imported only here)
     ("export", ("export", "export.*")),
     # the command line: the only importer of click and rich
@@ -38,7 +40,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "onnxruntime": ("export.runtime", "export.slot_runtime", "export.onnx_weights"),
     "onnx_ir": ("export.runtime", "export.slot_runtime"),
     "onnxscript": (),
-    "transformers": ("export.model", "export.trace", "plan"),
+    "transformers": ("hf_model", "export.trace", "plan"),
     "matplotlib": ("plot",),
     "click": ("cli.*",),
     "rich": ("cli.*",),

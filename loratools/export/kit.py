@@ -27,7 +27,7 @@ import torch
 
 import loratools.export.trace as trace
 from loratools.errors import ExportError, OutputError
-from loratools.export.model import quiet_transformers
+from loratools.hf_model import quiet_transformers
 from loratools.progress import Progress
 from loratools.writer import output_path, remove_stale_temporaries, write_error
 

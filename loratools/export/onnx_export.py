@@ -30,8 +30,9 @@ from loratools.export.kit import (
     staged_graph,
     verify_graph,
 )
-from loratools.export.model import load_merged_model, read_config
+from loratools.export.model import load_merged_model
 from loratools.export.slots import SlottedModule, add_slots, resolve_slots
+from loratools.hf_model import read_config
 from loratools.progress import Progress
 from loratools.writer import check_output
 
