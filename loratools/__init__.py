@@ -46,12 +46,20 @@ if TYPE_CHECKING:
     from loratools.adapter_commands import AdapterResult, combine, convert, rescale, resize
     from loratools.adapter_files import load_adapter, save_adapter
     from loratools.algebra import combine_adapters, rescale_adapter, resize_adapter
+    from loratools.behaviour import (
+        BehaviourReport,
+        SpectrumBehaviourReport,
+        VerifyBehaviourReport,
+        spectrum_behaviour,
+        verify_behaviour,
+    )
     from loratools.checkpoint import TensorIndex, open_checkpoint
     from loratools.errors import (
         CheckpointError,
         ExportError,
         FormatError,
         LoratoolsError,
+        ModelError,
         OutputError,
         ShapeError,
     )
@@ -69,7 +77,7 @@ if TYPE_CHECKING:
     from loratools.inspection import InspectReport, inspect_adapter
     from loratools.linalg import factor_spectrum
     from loratools.merging import MergeResult, merge
-    from loratools.options import RankPolicy, Selection, SvdSettings
+    from loratools.options import BehaviourOptions, RankPolicy, Selection, SvdSettings
     from loratools.plan import plan_extract
     from loratools.rsvd import low_rank, randomized_svd
     from loratools.spectrum import SpectrumReport, rank_spectrum
@@ -81,6 +89,8 @@ _PUBLIC = {
     "Adapter": "loratools.adapter",
     "AdapterExportResult": "loratools.export",
     "AdapterResult": "loratools.adapter_commands",
+    "BehaviourOptions": "loratools.options",
+    "BehaviourReport": "loratools.behaviour",
     "CheckpointError": "loratools.errors",
     "combine": "loratools.adapter_commands",
     "combine_adapters": "loratools.algebra",
@@ -103,6 +113,7 @@ _PUBLIC = {
     "merge": "loratools.merging",
     "merge_onnx": "loratools.export",
     "MergeResult": "loratools.merging",
+    "ModelError": "loratools.errors",
     "OnnxMergeResult": "loratools.export",
     "open_checkpoint": "loratools.checkpoint",
     "OutputError": "loratools.errors",
@@ -117,10 +128,14 @@ _PUBLIC = {
     "save_adapter": "loratools.adapter_files",
     "Selection": "loratools.options",
     "ShapeError": "loratools.errors",
+    "spectrum_behaviour": "loratools.behaviour",
+    "SpectrumBehaviourReport": "loratools.behaviour",
     "SpectrumReport": "loratools.spectrum",
     "SvdSettings": "loratools.options",
     "TensorIndex": "loratools.checkpoint",
     "verify_adapter": "loratools.verify",
+    "verify_behaviour": "loratools.behaviour",
+    "VerifyBehaviourReport": "loratools.behaviour",
     "VerifyOptions": "loratools.export",
     "VerifyReport": "loratools.verify",
 }

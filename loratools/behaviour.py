@@ -24,23 +24,22 @@ Decisions:
   (from the tuned checkpoint) to the adapter, and the report says how much of the remaining gap they explain
   (for `spectrum`, at the largest swept rank).
 - `spectrum` measures, per rank, the adapter ``extract --rank r`` would write with the same selection and SVD
-  settings (`extract.extract_adapter`), cast to the dtype it would write.
+  settings (`extraction.extract_adapter`), cast to the dtype it would write.
 """
 
 from __future__ import annotations
 
 import gc
-import math
 import os
 import resource
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 import torch
 
 from loratools.adapter import Adapter
 from loratools.adapter_files import load_adapter
+from loratools.behaviour_metrics import Behaviour, ModelRunner, token_windows
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.deltas import tensor_change
 from loratools.dtypes import OUTPUT_DTYPES, dtype_name
@@ -56,105 +55,6 @@ from loratools.spectrum import DEFAULT_RANKS, SpectrumReport, rank_spectrum
 from loratools.verify import VerifyReport, verify_adapter
 
 PURPOSE = "--behaviour"
-RANDOM_LENGTH = 128  # tokens per random sequence (less when the context is shorter)
-
-
-@dataclass
-class TokenWindows:
-    """The token sequences every model runs on: (L,) int64 each, L ≤ the model's context."""
-
-    windows: list[torch.Tensor]
-    source: str
-    notes: list[str] = field(default_factory=list)
-
-
-def token_windows(options: BehaviourOptions, tokenizer: object | None, *, vocab_size: int, context: int | None,
-                  minimum: int = 2) -> TokenWindows:
-    """Tokenize ``options.texts`` into windows of at most `context` tokens (≥ `minimum` each), ``max_tokens`` in
-    all; without texts, seeded random sequences (the notes say so).
-
-    Raises:
-        ModelError: texts but no tokenizer, or token ids beyond `vocab_size`; LoratoolsError: a text too short.
-    """
-    if not options.texts:
-        length = min(context or RANDOM_LENGTH, RANDOM_LENGTH, options.max_tokens)
-        count = max(1, options.max_tokens // length)
-        gen = torch.Generator().manual_seed(options.seed)
-        ids = torch.randint(0, vocab_size, (count, length), generator=gen)
-        source = f"{count} random token sequences of {length} tokens (seed {options.seed})"
-        why = "" if tokenizer is not None else " (the model folders hold no tokenizer)"
-        note = f"no --text{why}: {source} stand in for text; give --text FILE for figures on your own text"
-        return TokenWindows(list(ids), source, [note])
-    if tokenizer is None:
-        raise ModelError(f"{options.texts[0]}: neither model folder holds a tokenizer (tokenizer.json …), so --text"
-                         " cannot be tokenized; add the tokenizer files to TUNED, or leave out --text to measure on"
-                         " seeded random tokens")
-    result = TokenWindows([], f"{len(options.texts)} text file(s)")
-    budget = options.max_tokens
-    for path in options.texts:
-        tokens = _tokenize(path, tokenizer, vocab_size, minimum)
-        step = context or len(tokens)
-        if len(tokens) > step:
-            result.notes.append(f"{path}: {len(tokens)} tokens, longer than the model's context of {context}: split"
-                                f" into {math.ceil(len(tokens) / step)} windows")
-        if len(tokens) > budget:
-            result.notes.append(f"{path}: cut to {budget} of its {len(tokens)} tokens (--max-tokens"
-                                f" {options.max_tokens})")
-        tokens = tokens[:budget]
-        budget -= len(tokens)
-        result.windows += [piece for piece in torch.tensor(tokens).split(step) if len(piece) >= minimum]
-        if budget < minimum:
-            skipped = options.texts[options.texts.index(path) + 1:]
-            if skipped:
-                result.notes.append(f"--max-tokens {options.max_tokens} reached: {len(skipped)} text file(s) not"
-                                    f" used ({', '.join(skipped)})")
-            break
-    result.source += f", {sum(len(w) for w in result.windows)} tokens in {len(result.windows)} window(s)"
-    return result
-
-
-def _tokenize(path: str, tokenizer: object, vocab_size: int, minimum: int) -> list[int]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise LoratoolsError(f"{path}: cannot read the text ({exc}); give a UTF-8 text file") from None
-    ids = list(tokenizer(text)["input_ids"])  # type: ignore[operator]
-    if len(ids) < minimum:
-        raise LoratoolsError(f"{path}: {len(ids)} token(s); a text needs at least {minimum}")
-    if max(ids) >= vocab_size:
-        raise ModelError(f"{path}: token id {max(ids)} is beyond the model's vocabulary of {vocab_size}; the tokenizer"
-                         " does not belong to this model")
-    return ids
-
-
-@dataclass(frozen=True)
-class Behaviour:
-    """One model next to the tuned model on the same positions.
-
-    Attributes:
-        label: "tuned", "base", "adapter", "rank 8" …
-        gap: mean KL(tuned ‖ model) in nats (causal), or mean 1 − cosine of the hidden states (encoder).
-        gap_p95: the 95th percentile of the per-position gap.
-        top1_agreement: share of positions whose most likely next token is the tuned model's (causal).
-        perplexity: exp(mean negative log-likelihood of the text's next tokens) (causal).
-        pooled_cosine: mean cosine of the mean-pooled embeddings of each window (encoder).
-    """
-
-    label: str
-    gap: float
-    gap_p95: float
-    top1_agreement: float | None = None
-    perplexity: float | None = None
-    pooled_cosine: float | None = None
-
-    def to_json(self) -> dict:
-        if self.pooled_cosine is None:
-            return {"label": self.label, "kl_mean": self.gap, "kl_p95": self.gap_p95,
-                    "top1_agreement": self.top1_agreement, "perplexity": self.perplexity}
-        return {"label": self.label, "hidden_cosine_mean": 1 - self.gap, "hidden_cosine_p5": 1 - self.gap_p95,
-                "pooled_cosine_mean": self.pooled_cosine}
-
-
 @dataclass
 class BehaviourReport:
     """The tuned model, the base and every candidate adapter, compared on the same text.
@@ -210,107 +110,6 @@ class BehaviourReport:
         }
 
 
-@dataclass
-class _Outputs:
-    """A batch's outputs at the compared positions: rows (n, vocab) logits or (n, hidden) states; targets (n,)
-    next tokens (causal); pooled (windows, hidden) mean-pooled states (encoder)."""
-
-    rows: torch.Tensor
-    targets: torch.Tensor | None
-    pooled: torch.Tensor | None
-
-
-@dataclass
-class _Reference:
-    """What is kept of the tuned model: (N, vocab) log-probs or (N, hidden) states, and (W, hidden) pooled."""
-
-    values: torch.Tensor
-    pooled: torch.Tensor | None
-
-
-class _Runner:
-    """Runs models over the windows batch by batch, counting progress across every pass."""
-
-    def __init__(self, windows: TokenWindows, kind: str, options: BehaviourOptions, passes: int,
-                 progress: Progress | None):
-        self.windows, self.kind, self.options, self.progress = windows.windows, kind, options, progress
-        self.batches = math.ceil(len(self.windows) / options.batch_size)
-        self.total, self.done = passes * self.batches, 0
-
-    def outputs(self, model: torch.nn.Module, label: str) -> Iterator[_Outputs]:
-        """Each batch's outputs at the compared positions, in float32 on the run's device."""
-        device, size = torch.device(self.options.device), self.options.batch_size
-        for start in range(0, len(self.windows), size):
-            batch = self.windows[start:start + size]
-            lengths = [len(w) for w in batch]
-            ids = torch.zeros(len(batch), max(lengths), dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, window in enumerate(batch):
-                ids[i, :len(window)], mask[i, :len(window)] = window, 1
-            with torch.inference_mode():
-                out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            if self.kind == "causal":
-                logits = out.logits.float()
-                yield _Outputs(torch.cat([logits[i, :n - 1] for i, n in enumerate(lengths)]),
-                               torch.cat([w[1:] for w in batch]).to(device), None)
-            else:
-                hidden = out.last_hidden_state.float()
-                yield _Outputs(torch.cat([hidden[i, :n] for i, n in enumerate(lengths)]), None,
-                               torch.stack([hidden[i, :n].mean(0) for i, n in enumerate(lengths)]))
-            self.done += 1
-            if self.progress is not None:
-                self.progress(self.done, self.total, label)
-
-    def reference(self, model: torch.nn.Module) -> tuple[_Reference, Behaviour]:
-        """Run the tuned model; keep its log-probs (or states) on the CPU; its own row (gap 0, perplexity)."""
-        values: list[torch.Tensor] = []
-        pooled: list[torch.Tensor] = []
-        nll = 0.0
-        for out in self.outputs(model, "tuned"):
-            if out.targets is not None:
-                log_probs = torch.log_softmax(out.rows, dim=-1)
-                nll -= float(log_probs.gather(1, out.targets[:, None]).double().sum())
-                values.append(log_probs.cpu())
-            else:
-                values.append(out.rows.cpu())
-                pooled.append(out.pooled.cpu() if out.pooled is not None else out.rows.new_zeros(0))
-        reference = _Reference(torch.cat(values), torch.cat(pooled) if pooled else None)
-        count = len(reference.values)
-        if self.kind == "causal":
-            return reference, Behaviour("tuned", 0.0, 0.0, 1.0, math.exp(nll / count))
-        return reference, Behaviour("tuned", 0.0, 0.0, pooled_cosine=1.0)
-
-    def compare(self, model: torch.nn.Module, reference: _Reference, label: str) -> Behaviour:
-        """Run `model` and compare it with the reference, position by position."""
-        gaps: list[torch.Tensor] = []
-        pooled_cos: list[torch.Tensor] = []
-        offset, pooled_offset, agree, nll = 0, 0, 0, 0.0
-        for out in self.outputs(model, label):
-            ref = reference.values[offset:offset + len(out.rows)].to(out.rows.device)
-            if ref.shape != out.rows.shape:
-                raise ShapeError(f"{label}: outputs of width {out.rows.shape[-1]}, the tuned model's are"
-                                 f" {ref.shape[-1]} wide (vocabulary or hidden size differs); compare models of"
-                                 " one architecture")
-            offset += len(out.rows)
-            if out.targets is not None:
-                log_probs = torch.log_softmax(out.rows, dim=-1)
-                probs = ref.exp()
-                gaps.append(torch.where(probs > 0, probs * (ref - log_probs), 0.0).sum(-1).double().cpu())
-                agree += int((log_probs.argmax(-1) == ref.argmax(-1)).sum())
-                nll -= float(log_probs.gather(1, out.targets[:, None]).double().sum())
-            else:
-                gaps.append((1 - torch.cosine_similarity(out.rows, ref, dim=-1)).double().cpu())
-                assert reference.pooled is not None and out.pooled is not None
-                ref_pooled = reference.pooled[pooled_offset:pooled_offset + len(out.pooled)].to(out.pooled.device)
-                pooled_offset += len(out.pooled)
-                pooled_cos.append(torch.cosine_similarity(out.pooled, ref_pooled, dim=-1).double().cpu())
-        gap = torch.cat(gaps).clamp_min(0)
-        mean, p95 = float(gap.mean()), float(torch.quantile(gap, 0.95))
-        if self.kind == "causal":
-            return Behaviour(label, mean, p95, agree / len(gap), math.exp(nll / len(gap)))
-        return Behaviour(label, mean, p95, pooled_cosine=float(torch.cat(pooled_cos).mean()))
-
-
 Candidate = tuple[str, Callable[[], "Adapter | str | os.PathLike"]]
 """A label and a builder of the adapter (an Adapter or a path), called when its turn comes: one candidate adapter
 in memory at a time."""
@@ -354,7 +153,7 @@ def measure_behaviour(
         tokenizer = load_tokenizer(base)
     windows = token_windows(options, tokenizer, vocab_size=vocab, context=context_length(tuned_model.config),
                             minimum=2 if kind == "causal" else 1)
-    runner = _Runner(windows, kind, options, 2 + len(candidates) + int(bool(left_out and candidates)), progress)
+    runner = ModelRunner(windows, kind, options, 2 + len(candidates) + int(bool(left_out and candidates)), progress)
     reference, tuned_row = runner.reference(tuned_model.model)
     del tuned_model
     gc.collect()
@@ -362,11 +161,12 @@ def measure_behaviour(
     report = BehaviourReport(
         kind, model.architecture, windows.source, len(reference.values), dtype_name(OUTPUT_DTYPES[options.dtype]),
         options.device, tuned_row, runner.compare(model.model, reference, "base"), left_out=list(left_out),
-        buffer_bytes=sum(t.numel() * t.element_size() for t in (reference.values, reference.pooled) if t is not None),
-        notes=list(windows.notes),
+        buffer_bytes=reference.nbytes, notes=list(windows.notes),
     )
     with open_checkpoint(base) as base_index, open_checkpoint(tuned) as tuned_index:
         for number, (label, build) in enumerate(candidates, 1):
+            if progress is not None:
+                progress(runner.done, runner.total, f"{label}: preparing the adapter")
             changed = _merge_in_place(model, base_index, build())
             report.adapted.append(runner.compare(model.model, reference, label))
             if number == len(candidates) and left_out:
@@ -546,8 +346,9 @@ def spectrum_behaviour(
 
     Args:
         ranks: the ranks to sweep; recover: the share of the fine-tune (0, 1] the recommendation must reach.
-        num_singular_values, max_error, energy, selection, svd: as for `rank_spectrum`; selection and svd also as for `extract`
-            (include / exclude, --save-full, --embeddings, seed …), so each rank's adapter is the one extract writes.
+        num_singular_values, max_error, energy, selection, svd: as for `rank_spectrum`; selection and svd are
+            also those of `extract` (include / exclude, --save-full, --embeddings, seed …), so each rank's adapter
+            is the one ``extract --rank r`` writes.
         options: the text and the forward passes (`BehaviourOptions`).
         progress: called as ``progress(done, total, name)`` for the spectra, then for every forward batch.
     Returns:

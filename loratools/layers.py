@@ -25,7 +25,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("adapter operations", ("adapter_files", "algebra", "deltas", "matching")),
     # one module per command family: each opens its inputs, calls the layers below, writes, returns a result
     ("commands", ("extraction", "spectrum", "verify", "inspection", "merging", "adapter_commands", "plot",
-                  "behaviour")),
+                  "behaviour_metrics", "behaviour")),
     # ONNX export, multi-LoRA slots and adapter files, ONNX merge (onnx and onnxruntime imported only here)
     ("export", ("export", "export.*")),
     # the command line: the only importer of click and rich
