@@ -4,9 +4,9 @@
     python benchmarks/bench_behaviour.py --layers 8 --max-tokens 2048 --bf16
 
 A Llama pair is written to a temporary folder (fp32; tuned = base + a rank-8 delta on every projection + changed
-norms) and a rank-16 adapter extracted from it. Every line is its own process; its peak RssAnon (anonymous
-resident memory: what the process allocated, not the memory-mapped checkpoint pages) is sampled from /proc
-while it runs (`bench_extract.PeakRss`). Reference lines: the import floor (torch + transformers imported), one
+norms) and a rank-16 adapter extracted from it. Every line is its own process; its peak VmRSS (all resident
+memory, memory-mapped checkpoint pages included: transformers 5 keeps part of an fp32 checkpoint mapped) and
+peak RssAnon (what the process allocated) are sampled from /proc every few milliseconds while it runs. Reference lines: the import floor (torch + transformers imported), one
 model (load it, one forward pass) and the obvious approach (tuned and base + adapter loaded side by side, one
 forward pass each). loratools should sit at "one model" plus the tuned model's buffer (tokens × vocabulary ×
 4 bytes), whatever the number of ranks swept.
@@ -18,11 +18,11 @@ import argparse
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import torch
-from bench_extract import PeakRss
 
 from loratools.extraction import extract
 from loratools.options import RankPolicy
@@ -62,15 +62,38 @@ def make_pair(folder: Path, layers: int) -> tuple[Path, Path, int]:
     return folder / "base", folder / "tuned", size
 
 
-def peak_of(command: list[str]) -> tuple[int, float]:
-    """Peak RssAnon (bytes) and wall seconds of one process."""
+def memory(pid: int) -> tuple[int, int]:
+    """(VmRSS, RssAnon) of a running process in bytes; zeros once it has exited."""
+    fields = {}
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in status
+                      if line.startswith(("VmRSS:", "RssAnon:"))}
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return fields.get("VmRSS", 0), fields.get("RssAnon", 0)
+
+
+def peak_of(command: list[str]) -> tuple[int, int, float]:
+    """Peak VmRSS, peak RssAnon (bytes) and wall seconds of one process."""
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    with PeakRss(process.pid) as peak:
-        _, stderr = process.communicate()
+    peaks = [0, 0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peaks[:] = [max(a, b) for a, b in zip(peaks, memory(process.pid), strict=True)]
+            time.sleep(0.003)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, stderr = process.communicate()
+    done.set()
+    sampler.join()
     if process.returncode:
         raise SystemExit(f"{' '.join(command)} failed:\n{stderr}")
-    return peak.peak, time.perf_counter() - started
+    return peaks[0], peaks[1], time.perf_counter() - started
 
 
 def main() -> None:
@@ -86,10 +109,11 @@ def main() -> None:
         buffer = args.max_tokens * 32000 * 4
         print(f"model: Llama hidden 1024, {args.layers} layers, vocab 32000: {size / MB:.0f} MB in fp32;"
               f" tuned model's buffer at --max-tokens {args.max_tokens}: {buffer / MB:.0f} MB")
-        print(f"{'process':52} {'peak RSS':>10} {'× model':>8} {'seconds':>8}", flush=True)
+        print(f"{'process':52} {'peak VmRSS':>11} {'× model':>8} {'peak RssAnon':>13} {'seconds':>8}", flush=True)
 
-        def show(name: str, peak: int, seconds: float) -> None:
-            print(f"{name:52} {peak / MB:>8.0f} MB {peak / size:>8.2f} {seconds:>8.1f}", flush=True)
+        def show(name: str, rss: int, anon: int, seconds: float) -> None:
+            print(f"{name:52} {rss / MB:>8.0f} MB {rss / size:>8.2f} {anon / MB:>10.0f} MB {seconds:>8.1f}",
+                  flush=True)
 
         python = [sys.executable, "-c"]
         show("import floor: torch + transformers imported", *peak_of([*python, "import torch, transformers"]))

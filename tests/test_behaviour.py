@@ -133,6 +133,7 @@ def test_encoder_hidden_and_pooled_cosines(tmp_path):
     assert report.share(report.adapted[0]) > 0.999
 
 
+@pytest.mark.slow
 def test_cli_spectrum_behaviour_table_json_and_plot(finetune, tmp_path):
     args = ["spectrum", finetune.base, finetune.tuned, "--behaviour", "--ranks", "4,32", "--save-full", "*norm*",
             "--text", finetune.text, "--recover", "0.99"]
@@ -169,9 +170,17 @@ def test_adapter_for_another_model_is_one_line(finetune):
     assert_one_line_error(result, "llama-lora-peft", "another model")
 
 
-def test_encoder_decoder_model_is_one_line(tmp_path):
-    config = transformers.T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
-    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
-    shutil.copytree(tmp_path / "t5", tmp_path / "t5-tuned")
-    result = invoke(["spectrum", tmp_path / "t5", tmp_path / "t5-tuned", "--behaviour"])
-    assert_one_line_error(result, "t5", "encoder-decoder", "causal LMs")
+@pytest.mark.parametrize("kind", ["t5", "vit"])
+def test_a_model_that_is_neither_causal_nor_a_text_encoder_is_one_line(tmp_path, kind):
+    if kind == "t5":  # encoder-decoder
+        config = transformers.T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+        transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "base")
+        expected = ("t5", "encoder-decoder", "causal LMs")
+    else:  # reads pixel values
+        config = transformers.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=32, image_size=8, patch_size=4)
+        transformers.ViTModel(config).save_pretrained(tmp_path / "base")
+        expected = ("vit", "pixel_values", "not token ids")
+    shutil.copytree(tmp_path / "base", tmp_path / "tuned")
+    result = invoke(["spectrum", tmp_path / "base", tmp_path / "tuned", "--behaviour"])
+    assert_one_line_error(result, *expected)
