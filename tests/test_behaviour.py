@@ -17,7 +17,7 @@ from loratools.extraction import extract
 from loratools.options import BehaviourOptions, RankPolicy, Selection, SvdSettings
 from tests.behaviour_helpers import FineTune, char_tokenizer, make_finetune, pattern, pattern_text
 from tests.conftest import LLAMA_BASE, LLAMA_PEFT, LLAMA_TUNED
-from tests.helpers import run_cli
+from tests.helpers import make_gpt2_pair, run_cli
 from tests.test_bad_input import assert_one_line_error, invoke
 
 transformers = pytest.importorskip("transformers")
@@ -184,3 +184,13 @@ def test_a_model_that_is_neither_causal_nor_a_text_encoder_is_one_line(tmp_path,
     shutil.copytree(tmp_path / "base", tmp_path / "tuned")
     result = invoke(["spectrum", tmp_path / "base", tmp_path / "tuned", "--behaviour"])
     assert_one_line_error(result, *expected)
+
+
+def test_gpt2_conv1d_layers_merge_in_their_own_layout(tmp_path):
+    base, tuned = make_gpt2_pair(tmp_path, delta_rank=3)
+    options = BehaviourOptions(max_tokens=128)
+    report = spectrum_behaviour(base, tuned, ranks=[1, 3], selection=Selection(save_full=("*ln_f*",)),
+                                options=options)
+    low, exact = report.behaviour.adapted
+    assert report.behaviour.architecture == "GPT2LMHeadModel" and report.behaviour.left_out == []
+    assert report.behaviour.share(low) < 0.99 < report.behaviour.share(exact)  # rank 3 is the planted delta
