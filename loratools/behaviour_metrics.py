@@ -7,6 +7,7 @@ CPU (bounded by ``max_tokens``); each other model gives per-position KL(tuned �
 log-likelihood of the text's next tokens (perplexity). Encoders: the tuned model's last hidden states (N, hidden)
 and mean-pooled window embeddings (W, hidden); each other model gives per-token 1 − cosine and the pooled
 cosine. Windows are right-padded into batches with an attention mask; padded positions are never compared.
+Metrics are computed CHUNK_ROWS positions at a time, so their temporaries stay small beside the batch's logits.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from loratools.options import BehaviourOptions
 from loratools.progress import Progress
 
 RANDOM_LENGTH = 128  # tokens per random sequence (less when the context is shorter)
+CHUNK_ROWS = 256  # positions compared at a time
 
 
 @dataclass
@@ -124,12 +126,18 @@ class Behaviour:
 
 @dataclass
 class _Outputs:
-    """A batch's outputs at the compared positions: rows (n, vocab) logits or (n, hidden) states; targets (n,)
-    next tokens (causal); pooled (windows, hidden) mean-pooled states (encoder)."""
+    """One window's outputs at its compared positions (views into the batch's output, in the model's dtype):
+    rows (n, vocab) logits or (n, hidden) states; targets (n,) next tokens (causal)."""
 
     rows: torch.Tensor
     targets: torch.Tensor | None
-    pooled: torch.Tensor | None
+
+
+def _chunks(out: _Outputs) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """(rows, targets) in float32, CHUNK_ROWS positions at a time: temporaries stay a few × CHUNK_ROWS × vocab."""
+    for start in range(0, len(out.rows), CHUNK_ROWS):
+        targets = out.targets[start:start + CHUNK_ROWS] if out.targets is not None else None
+        yield out.rows[start:start + CHUNK_ROWS].float(), targets
 
 
 @dataclass
@@ -155,7 +163,7 @@ class ModelRunner:
         self.total, self.done = passes * self.batches, 0
 
     def outputs(self, model: torch.nn.Module, label: str) -> Iterator[_Outputs]:
-        """Each batch's outputs at the compared positions, in float32 on the run's device."""
+        """Each window's outputs, batch by batch (one batch of outputs in memory: batch × window × vocab)."""
         device, size = torch.device(self.options.device), self.options.batch_size
         for start in range(0, len(self.windows), size):
             batch = self.windows[start:start + size]
@@ -166,14 +174,12 @@ class ModelRunner:
                 ids[i, :len(window)], mask[i, :len(window)] = window, 1
             with torch.inference_mode():
                 out = model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            if self.kind == "causal":
-                logits = out.logits.float()
-                yield _Outputs(torch.cat([logits[i, :n - 1] for i, n in enumerate(lengths)]),
-                               torch.cat([w[1:] for w in batch]).to(device), None)
-            else:
-                hidden = out.last_hidden_state.float()
-                yield _Outputs(torch.cat([hidden[i, :n] for i, n in enumerate(lengths)]), None,
-                               torch.stack([hidden[i, :n].mean(0) for i, n in enumerate(lengths)]))
+            for i, (n, window) in enumerate(zip(lengths, batch, strict=True)):
+                if self.kind == "causal":
+                    yield _Outputs(out.logits[i, :n - 1], window[1:].to(device))
+                else:
+                    yield _Outputs(out.last_hidden_state[i, :n], None)
+            del out
             self.done += 1
             if self.progress is not None:
                 self.progress(self.done, self.total, label)
@@ -189,47 +195,46 @@ class ModelRunner:
             width = out.rows.shape[-1]
             if kept is None:
                 kept = TunedOutputs(torch.empty(rows, width), None if causal else torch.empty(len(self.windows), width))
-            if out.targets is not None:
-                values = torch.log_softmax(out.rows, dim=-1)
-                nll -= float(values.gather(1, out.targets[:, None]).double().sum())
-            else:
-                values = out.rows
-                assert out.pooled is not None and kept.pooled is not None
-                start = number * self.options.batch_size
-                kept.pooled[start:start + len(out.pooled)] = out.pooled.cpu()
-            kept.values[offset:offset + len(values)] = values.cpu()
-            offset += len(values)
+            if kept.pooled is not None:
+                kept.pooled[number] = out.rows.float().mean(0).cpu()
+            for chunk, targets in _chunks(out):
+                values = chunk
+                if targets is not None:
+                    values = torch.log_softmax(chunk, dim=-1)
+                    nll -= float(values.gather(1, targets[:, None]).double().sum())
+                kept.values[offset:offset + len(values)] = values.cpu()
+                offset += len(values)
         assert kept is not None  # there is at least one window
         if causal:
             return kept, Behaviour("tuned", 0.0, 0.0, 1.0, math.exp(nll / rows))
         return kept, Behaviour("tuned", 0.0, 0.0, pooled_cosine=1.0)
 
     def compare(self, model: torch.nn.Module, reference: TunedOutputs, label: str) -> Behaviour:
-        """Run `model` and compare it with the reference, position by position."""
+        """Run `model` and compare it with the tuned model's kept outputs, position by position."""
         gaps: list[torch.Tensor] = []
-        pooled_cos: list[torch.Tensor] = []
-        offset, pooled_offset, agree, nll = 0, 0, 0, 0.0
-        for out in self.outputs(model, label):
-            ref = reference.values[offset:offset + len(out.rows)].to(out.rows.device)
-            if ref.shape != out.rows.shape:
+        pooled: list[float] = []
+        offset, agree, nll = 0, 0, 0.0
+        for number, out in enumerate(self.outputs(model, label)):
+            if out.rows.shape[-1] != reference.values.shape[-1]:
                 raise ShapeError(f"{label}: outputs of width {out.rows.shape[-1]}, the tuned model's are"
-                                 f" {ref.shape[-1]} wide (vocabulary or hidden size differs); compare models of"
-                                 " one architecture")
-            offset += len(out.rows)
-            if out.targets is not None:
-                log_probs = torch.log_softmax(out.rows, dim=-1)
+                                 f" {reference.values.shape[-1]} wide (vocabulary or hidden size differs); compare"
+                                 " models of one architecture")
+            if reference.pooled is not None:
+                mean = out.rows.float().mean(0)
+                pooled.append(float(torch.cosine_similarity(mean, reference.pooled[number].to(mean.device), dim=0)))
+            for chunk, targets in _chunks(out):
+                ref = reference.values[offset:offset + len(chunk)].to(chunk.device)
+                offset += len(chunk)
+                if targets is None:
+                    gaps.append((1 - torch.cosine_similarity(chunk, ref, dim=-1)).double().cpu())
+                    continue
+                log_probs = torch.log_softmax(chunk, dim=-1)
                 probs = ref.exp()
                 gaps.append(torch.where(probs > 0, probs * (ref - log_probs), 0.0).sum(-1).double().cpu())
                 agree += int((log_probs.argmax(-1) == ref.argmax(-1)).sum())
-                nll -= float(log_probs.gather(1, out.targets[:, None]).double().sum())
-            else:
-                gaps.append((1 - torch.cosine_similarity(out.rows, ref, dim=-1)).double().cpu())
-                assert reference.pooled is not None and out.pooled is not None
-                ref_pooled = reference.pooled[pooled_offset:pooled_offset + len(out.pooled)].to(out.pooled.device)
-                pooled_offset += len(out.pooled)
-                pooled_cos.append(torch.cosine_similarity(out.pooled, ref_pooled, dim=-1).double().cpu())
+                nll -= float(log_probs.gather(1, targets[:, None]).double().sum())
         gap = torch.cat(gaps).clamp_min(0)
-        mean, p95 = float(gap.mean()), float(torch.quantile(gap, 0.95))
+        mean_gap, p95 = float(gap.mean()), float(torch.quantile(gap, 0.95))
         if self.kind == "causal":
-            return Behaviour(label, mean, p95, agree / len(gap), math.exp(nll / len(gap)))
-        return Behaviour(label, mean, p95, pooled_cosine=float(torch.cat(pooled_cos).mean()))
+            return Behaviour(label, mean_gap, p95, agree / len(gap), math.exp(nll / len(gap)))
+        return Behaviour(label, mean_gap, p95, pooled_cosine=sum(pooled) / len(pooled))
