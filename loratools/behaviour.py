@@ -14,7 +14,7 @@ Memory: one model at a time. The tuned model runs first and only what the metric
 the text's positions, or hidden states: a buffer of tokens × vocab (or hidden) floats, bounded by
 ``max_tokens``); it is freed, then the base is loaded once and every candidate adapter is merged into it in
 place, run, and undone by reading the base tensors back from the checkpoint (exact; no second copy of the
-weights). Peak ≈ one model + the buffer + one tensor.
+weights). Peak ≈ one model + the buffer + one batch of outputs (batch × window × vocab) + one tensor.
 
 Decisions:
 - Text is tokenized with the tuned folder's tokenizer (else the base's); without ``texts``, seeded random token
