@@ -25,12 +25,20 @@ if TYPE_CHECKING:
     from loratools.adapter_commands import AdapterResult, combine, convert, rescale, resize
     from loratools.adapter_files import load_adapter, save_adapter
     from loratools.algebra import combine_adapters, rescale_adapter, resize_adapter
+    from loratools.behaviour import (
+        BehaviourReport,
+        SpectrumBehaviourReport,
+        VerifyBehaviourReport,
+        spectrum_behaviour,
+        verify_behaviour,
+    )
     from loratools.checkpoint import TensorIndex, open_checkpoint
     from loratools.errors import (
         CheckpointError,
         ExportError,
         FormatError,
         LoratoolsError,
+        ModelError,
         OutputError,
         ShapeError,
     )
@@ -55,7 +63,7 @@ if TYPE_CHECKING:
     from loratools.inspection import InspectReport, inspect_adapter
     from loratools.linalg import factor_spectrum
     from loratools.merging import MergeResult, merge
-    from loratools.options import RankPolicy, Selection, SvdSettings
+    from loratools.options import BehaviourOptions, RankPolicy, Selection, SvdSettings
     from loratools.plan import plan_extract
     from loratools.rsvd import low_rank, randomized_svd
     from loratools.spectrum import SpectrumReport, rank_spectrum
@@ -67,6 +75,8 @@ _PUBLIC = {
     "Adapter": "loratools.adapter",
     "AdapterExportResult": "loratools.export",
     "AdapterResult": "loratools.adapter_commands",
+    "BehaviourOptions": "loratools.options",
+    "BehaviourReport": "loratools.behaviour",
     "BundleOptions": "loratools.export",
     "BundleResult": "loratools.export",
     "CheckpointError": "loratools.errors",
@@ -100,6 +110,7 @@ _PUBLIC = {
     "merge": "loratools.merging",
     "merge_onnx": "loratools.export",
     "MergeResult": "loratools.merging",
+    "ModelError": "loratools.errors",
     "OnnxMergeResult": "loratools.export",
     "open_checkpoint": "loratools.checkpoint",
     "OutputError": "loratools.errors",
@@ -114,10 +125,14 @@ _PUBLIC = {
     "save_adapter": "loratools.adapter_files",
     "Selection": "loratools.options",
     "ShapeError": "loratools.errors",
+    "spectrum_behaviour": "loratools.behaviour",
+    "SpectrumBehaviourReport": "loratools.behaviour",
     "SpectrumReport": "loratools.spectrum",
     "SvdSettings": "loratools.options",
     "TensorIndex": "loratools.checkpoint",
     "verify_adapter": "loratools.verify",
+    "verify_behaviour": "loratools.behaviour",
+    "VerifyBehaviourReport": "loratools.behaviour",
     "VerifyOptions": "loratools.export",
     "VerifyReport": "loratools.verify",
 }

@@ -23,3 +23,7 @@ class OutputError(LoratoolsError, FileExistsError):
 
 class ExportError(LoratoolsError, RuntimeError):
     """ONNX export or verification failed."""
+
+
+class ModelError(LoratoolsError, ValueError):
+    """A model folder cannot be run as asked (architecture unknown or unsupported, no tokenizer, …)."""

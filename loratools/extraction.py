@@ -310,14 +310,12 @@ def start_pair(
     return PairExtraction(base, tuned, out, settings, result, names, out_dtype)
 
 
-def finish_pair(
-    job: PairExtraction, tuned_index: TensorIndex, *, force: bool = False, report: str | os.PathLike | None = None,
-    started: float | None = None,
-) -> ExtractResult:
-    """Build the adapter from every recorded outcome (in plan order), check it, write it and the report.
+def assemble_pair(job: PairExtraction, tuned_index: TensorIndex) -> ExtractResult:
+    """Build the adapter from every recorded outcome (in plan order) into ``job.result.adapter`` and check it;
+    nothing is written.
 
     Raises:
-        LoratoolsError when nothing changed; OutputError when writing fails.
+        LoratoolsError when nothing changed.
     """
     result, plan = job.result, job.plan
     factors: dict[LayerPair, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -351,6 +349,21 @@ def finish_pair(
             f" {len(result.changed)} changed tensors not saved); check the paths, or save changed tensors with"
             " --save-full PATTERN"
         )
+    return result
+
+
+def finish_pair(
+    job: PairExtraction, tuned_index: TensorIndex, *, force: bool = False, report: str | os.PathLike | None = None,
+    started: float | None = None,
+) -> ExtractResult:
+    """`assemble_pair`, then write the adapter and the report.
+
+    Raises:
+        LoratoolsError when nothing changed; OutputError when writing fails.
+    """
+    result = assemble_pair(job, tuned_index)
+    adapter, fmt = result.adapter, result.summary.format
+    assert adapter is not None
     inputs = [job.base, job.tuned]
     save_adapter(adapter, job.out, format=fmt, inputs=inputs, force=force, dtype=job.out_dtype,
                  metadata=provenance("extract", inputs, job.settings.provenance_parameters()), names=job.names)
@@ -408,29 +421,68 @@ def extract(
     with open_checkpoint(base_path) as base_index, open_checkpoint(tuned_path) as tuned_index:
         job = start_pair(base_index, tuned_index, base=base, tuned=tuned, out=out, settings=settings,
                          dry_run=dry_run)
-        plan = job.plan
         if dry_run:
             if report is not None:
                 write_json(report, job.result.to_json(), inputs=[base_path, tuned_path, out], force=force)
             return job.result
-        total = len(plan.whole) + len(plan.pairs)
-        for number, whole in enumerate(plan.whole):
-            if progress:
-                progress(number, total, whole.tensor)
-            job.record(compare_whole(whole, base_index.get(whole.tensor), tuned_index.get(whole.tensor)))
-        # one ΔW in memory at a time, each formed in the same workspace while the next is read ahead
-        deltas = layer_deltas(base_index, tuned_index, plan.pairs, dtype=compute_dtype(svd), device=device, reuse=True)
-        for number, pair in enumerate(plan.pairs):
-            if progress:
-                progress(len(plan.whole) + number, total, pair.module)
-            tick = time.perf_counter()
-            job.record(factor_layer(pair, next(deltas), settings, since=tick))
-        if progress:
-            progress(total, total, "")
+        _run_pair(job, base_index, tuned_index, device=device, progress=progress)
         return finish_pair(job, tuned_index, force=force, report=report, started=started)
 
 
-LEFT_OUT = "(--format peft keeps it)"  # ends the `why` of layers a kohya or diffusers file cannot hold
+def _run_pair(job: PairExtraction, base_index: TensorIndex, tuned_index: TensorIndex, *, device: torch.device,
+              progress: Progress | None) -> None:
+    """Compare every whole tensor and factor every layer of the plan, recording each outcome in `job`."""
+    plan, settings = job.plan, job.settings
+    total = len(plan.whole) + len(plan.pairs)
+    for number, whole in enumerate(plan.whole):
+        if progress:
+            progress(number, total, whole.tensor)
+        job.record(compare_whole(whole, base_index.get(whole.tensor), tuned_index.get(whole.tensor)))
+    # one ΔW in memory at a time, each formed in the same workspace while the next is read ahead
+    deltas = layer_deltas(base_index, tuned_index, plan.pairs, dtype=compute_dtype(settings.svd), device=device,
+                          reuse=True)
+    for number, pair in enumerate(plan.pairs):
+        if progress:
+            progress(len(plan.whole) + number, total, pair.module)
+        tick = time.perf_counter()
+        job.record(factor_layer(pair, next(deltas), settings, since=tick))
+    if progress:
+        progress(total, total, "")
+
+
+def extract_adapter(
+    base: str | os.PathLike,
+    tuned: str | os.PathLike,
+    *,
+    policy: RankPolicy = RankPolicy(),
+    selection: Selection = Selection(),
+    svd: SvdSettings = SvdSettings(),
+    format: str | None = None,
+    dtype: DType | None = None,
+    progress: Progress | None = None,
+) -> ExtractResult:
+    """The adapter `extract` would write, in memory, writing nothing: arguments as for `extract`.
+
+    Returns:
+        An ExtractResult whose ``adapter`` holds the factors in the dtype `extract` writes them in.
+
+    Example:
+        >>> result = extract_adapter("fixtures/llama-base", "fixtures/llama-tuned", policy=RankPolicy("rank", 8))
+        >>> result.adapter.ranks[:2]
+        [8, 8]
+    """
+    started = time.perf_counter()
+    settings = ExtractSettings(policy, selection, svd, format, dtype)
+    device = svd_device(svd)
+    with open_checkpoint(resolve_checkpoint(base)) as base_index, \
+            open_checkpoint(resolve_checkpoint(tuned)) as tuned_index:
+        job = start_pair(base_index, tuned_index, base=base, tuned=tuned, out="", settings=settings)
+        _run_pair(job, base_index, tuned_index, device=device, progress=progress)
+        result = assemble_pair(job, tuned_index)
+    assert result.adapter is not None
+    result.adapter = result.adapter.to(job.out_dtype)
+    result.summary.seconds = time.perf_counter() - started
+    return result
 
 
 def _check_plan_format(plan: Plan, format: str, selection: Selection = Selection()) -> None:

@@ -20,13 +20,15 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("data", ("lora_module", "structured_modules", "adapter", "checkpoint", "hub")),
     # randomized SVD and low_rank; spectrum statistics
     ("algorithms", ("rsvd", "spectral")),
-    # adapter key formats (one module per format); atomic writes and provenance; which tensors become which ops
-    ("formats and io", ("formats", "formats.*", "writer", "plan")),
+    # adapter key formats (one module per format); atomic writes and provenance; which tensors become which ops;
+    # Hugging Face model folders loaded with transformers (config, kind, model, tokenizer)
+    ("formats and io", ("formats", "formats.*", "writer", "plan", "hf_model")),
     # adapter files in and out; adapter math on factors; ΔW streaming; adapter module <-> checkpoint tensor;
     # structured modules as plain LoRA
     ("adapter operations", ("adapter_files", "algebra", "deltas", "matching", "structured_convert")),
     # one module per command family: each opens its inputs, calls the layers below, writes, returns a result
-    ("commands", ("extraction", "spectrum", "verify", "inspection", "merging", "adapter_commands", "plot")),
+    ("commands", ("extraction", "spectrum", "verify", "inspection", "merging", "adapter_commands", "plot",
+                  "behaviour_metrics", "behaviour")),
     # many fine-tunes of one base through extraction's per-pair steps; their Ray executor (ray imported only here)
     ("fleets", ("fleet", "fleet_ray")),
     # ONNX export, multi-LoRA slots and adapter files, ONNX merge (onnx and onnxruntime imported only here)
@@ -44,7 +46,7 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "onnx_ir": ("export.runtime", "export.slot_runtime"),
     "onnxscript": (),
     "onnxruntime_genai": ("export.genai_runtime",),
-    "transformers": ("export.model", "export.trace", "plan", "silence"),
+    "transformers": ("hf_model", "export.trace", "plan", "silence"),
     "matplotlib": ("plot",),
     "ray": ("fleet_ray",),
     "huggingface_hub": ("hub",),

@@ -1,6 +1,6 @@
 """The option dataclasses (and option names) that travel together through the API and the CLI: which tensors (`Selection`), which
-rank (`RankPolicy`), how each truncated SVD is computed (`SvdSettings`). Frozen, validated on creation, and
-free of torch, so the command line builds them without loading it.
+rank (`RankPolicy`), how each truncated SVD is computed (`SvdSettings`), how --behaviour runs the models
+(`BehaviourOptions`). Frozen, validated on creation, and free of torch, so the command line builds them without loading it.
 """
 
 from __future__ import annotations
@@ -138,3 +138,34 @@ class SvdSettings:
         """These settings with a seed derived from `seed` and the layer name, so that a layer's result does not
         depend on which other layers were selected."""
         return replace(self, seed=(self.seed * 0x9E3779B1 + zlib.crc32(name.encode())) % (1 << 63))
+
+
+@dataclass(frozen=True)
+class BehaviourOptions:
+    """How ``--behaviour`` runs the models (`behaviour.measure_behaviour`).
+
+    Attributes:
+        texts: text files to run the models on (none: seeded random token sequences).
+        max_tokens: at most this many tokens in all; bounds the tuned model's kept outputs (tokens × vocabulary
+            floats for a causal LM).
+        batch_size: windows per forward pass.
+        dtype: the models' dtype in memory (fp32, fp16, bf16); merges are computed in fp32 and cast to it.
+        device: where the forward passes run (cpu, cuda, cuda:1 …).
+        seed: seed of the random token sequences.
+    """
+
+    texts: tuple[str, ...] = ()
+    max_tokens: int = 2048
+    batch_size: int = 4
+    dtype: str = "fp32"
+    device: str = "cpu"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "texts", tuple(str(path) for path in self.texts))
+        if self.max_tokens < 2:
+            raise LoratoolsError(f"--max-tokens {self.max_tokens} must be ≥ 2")
+        if self.batch_size < 1:
+            raise LoratoolsError(f"--batch-size {self.batch_size} must be ≥ 1")
+        if self.dtype not in OUTPUT_DTYPE_NAMES:
+            raise LoratoolsError(f"--dtype {self.dtype!r}: choose one of {', '.join(OUTPUT_DTYPE_NAMES)}")

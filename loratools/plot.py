@@ -1,4 +1,5 @@
-"""``--plot``: spectra as a PNG, one row per module type. The only importer of matplotlib (lazily, at call time).
+"""``--plot``: spectra as a PNG, one row per module type; weight error and behaviour per rank side by side
+(``spectrum --behaviour``). The only importer of matplotlib (lazily, at call time).
 
 Readable for hundreds of modules: modules are grouped by type (`module_group`: the name without the layer
 index, e.g. ``self_attn.q_proj`` or ``mlp.down_proj``), one row of two panels per group — singular values on
@@ -9,8 +10,9 @@ its position (first to last layer). Beyond MAX_GROUPS groups, the smallest are m
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,14 +59,9 @@ def plot_spectra(spectra: Iterable[tuple[str, torch.Tensor, float]], path: str |
     Returns:
         The path written. Raises LoratoolsError when matplotlib is not installed.
     """
-    try:
-        from matplotlib.figure import Figure
-        from matplotlib.ticker import MaxNLocator
-    except ImportError:
-        raise LoratoolsError("--plot needs matplotlib: pip install 'loratools[plot]'") from None
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise LoratoolsError(f"--plot {path}: folder {path.parent} does not exist")
+    Figure, path = _figure_class(path)
+    from matplotlib.ticker import MaxNLocator
+
     items = list(spectra)
     if not items:
         raise LoratoolsError("--plot: no modules to plot")
@@ -110,3 +107,53 @@ def _colours(n: int) -> list:
 
 def _short(group: str, width: int = 28) -> str:
     return group if len(group) <= width else "…" + group[-(width - 1) :]
+
+
+def plot_rank_curves(rows: Sequence[dict], path: str | os.PathLike, *, title: str = "", recover: float | None = None,
+                     kind: str = "causal") -> Path:
+    """Write a PNG of weight error and behaviour per rank, side by side (``spectrum --behaviour --plot``).
+
+    Args:
+        rows: `SpectrumBehaviourReport.rows()`: ``rank``, ``rel_error``, ``optimal_rel_error``, ``share_recovered``
+            and ``top1_agreement`` (causal) or ``pooled_cosine_mean`` (encoder).
+        recover: the share the recommendation asks for (a dotted line).
+    Returns:
+        The path written. Raises LoratoolsError when matplotlib is not installed.
+    """
+    Figure, path = _figure_class(path)
+    ranks = [row["rank"] for row in rows]
+    fig = Figure(figsize=(11, 4), dpi=110, layout="constrained")
+    left, right = fig.subplots(1, 2)
+    left.plot(ranks, [row["rel_error"] for row in rows], "o-", label="extracted adapter")
+    left.plot(ranks, [row["optimal_rel_error"] for row in rows], "x:", label="optimal (Eckart–Young)")
+    left.set_title("weight error ‖ΔW − BA‖ / ‖ΔW‖", fontsize=10)
+    left.set_ylim(0, 1.02)
+    right.plot(ranks, [row["share_recovered"] for row in rows], "o-", label="share of the fine-tune recovered")
+    agreement = ("top1_agreement", "top-1 agreement") if kind == "causal" else ("pooled_cosine_mean", "pooled cosine")
+    right.plot(ranks, [row[agreement[0]] for row in rows], "s--", label=agreement[1])
+    if recover is not None:
+        right.axhline(recover, color="grey", lw=0.8, ls=":", label=f"target {recover:g}")
+    right.set_title("behaviour on the text vs the tuned model", fontsize=10)
+    right.set_ylim(min(0.0, *(row["share_recovered"] or 0 for row in rows)), 1.02)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set_xlabel("rank", fontsize=9)
+        ax.grid(True, lw=0.3, alpha=0.5)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    with atomic_output(path, force=True) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def _figure_class(path: str | os.PathLike) -> tuple[Any, Path]:
+    """matplotlib's Figure and the checked output path (LoratoolsError: no matplotlib, no such folder)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise LoratoolsError("--plot needs matplotlib: pip install 'loratools[plot]'") from None
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise LoratoolsError(f"--plot {path}: folder {path.parent} does not exist")
+    return Figure, path

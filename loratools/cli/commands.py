@@ -10,6 +10,7 @@ import dataclasses
 import click
 
 from loratools.cli.app import cli
+from loratools.cli.behaviour import behaviour_options, run_spectrum_behaviour, run_verify_behaviour
 from loratools.cli.fleet import fleet_options, is_fleet, run_fleet
 from loratools.cli.options import (
     Output,
@@ -29,7 +30,7 @@ from loratools.cli.render import (
     show_verify,
     show_written,
 )
-from loratools.options import ADAPTER_FORMATS, RankPolicy, Selection, SvdSettings
+from loratools.options import ADAPTER_FORMATS, BehaviourOptions, RankPolicy, Selection, SvdSettings
 
 FORMAT_CHOICE = click.Choice(ADAPTER_FORMATS)
 
@@ -133,22 +134,29 @@ def inspect_command(adapter: str, sort: str, pattern: str | None, top: int | Non
 @click.argument("tuned", type=click.Path(exists=True))
 @click.argument("adapter", type=click.Path(exists=True))
 @selection_options()
+@behaviour_options()
 @svd_options
 @output_options
-def verify_command(base: str, tuned: str, adapter: str, selection: Selection, svd: SvdSettings,
-                   output: Output) -> None:
+def verify_command(base: str, tuned: str, adapter: str, selection: Selection, behaviour: BehaviourOptions | None,
+                   svd: SvdSettings, output: Output) -> None:
     """How well ADAPTER reproduces the fine-tune TUNED − BASE, layer by layer.
 
     Per layer: ‖ΔW − scale·B·A‖_F / ‖ΔW‖_F, and the best error any adapter of the same rank could reach
     (Eckart–Young; --exact for a full SVD). Also lists changed tensors the adapter does not touch and adapter
-    modules that match no tensor. Reads one tensor pair at a time.
+    modules that match no tensor. Reads one tensor pair at a time. With --behaviour, also runs tuned, base and
+    base + ADAPTER on text (model folders; one model in memory at a time).
 
     \b
     Examples:
       loratools verify fixtures/llama-base fixtures/llama-tuned fixtures/llama-lora-peft
       loratools verify base.safetensors tuned.safetensors lora.safetensors --json > verify.json
+      loratools verify base/ tuned/ lora/ --behaviour --text sample.txt
     """
     from loratools.verify import verify_adapter
+
+    if behaviour is not None:
+        run_verify_behaviour(base, tuned, adapter, selection=selection, svd=svd, options=behaviour, output=output)
+        return
 
     run(output, "verify",
         lambda progress: verify_adapter(base, tuned, adapter, selection=selection, svd=svd, progress=progress),
@@ -175,30 +183,40 @@ def _parse_ranks(ctx: click.Context, param: click.Parameter, value: str) -> list
 @click.option("--target-error", "old_target_error", type=float, hidden=True)
 @click.option("--energy", type=float, metavar="F", help="Recommend ranks keeping a fraction F of ‖ΔW‖²_F.")
 @selection_options()
+@behaviour_options(spectrum=True)
 @svd_options
 @click.option("--plot", type=click.Path(dir_okay=False), metavar="FILE.png",
-              help="Also write the spectra as a PNG (needs the plot extra: matplotlib).")
+              help="Also write the spectra (with --behaviour: weight error and behaviour per rank) as a PNG (needs"
+                   " the plot extra: matplotlib).")
 @output_options
 def spectrum_command(base: str, tuned: str, ranks: list[int], num_singular_values: int | None,
                      old_max_rank: int | None, max_error: float | None, old_target_error: float | None,
-                     energy: float | None, selection: Selection, svd: SvdSettings, plot: str | None,
-                     output: Output) -> None:
+                     energy: float | None, selection: Selection, behaviour: BehaviourOptions | None, recover: float,
+                     svd: SvdSettings, plot: str | None, output: Output) -> None:
     """What rank does a LoRA of TUNED − BASE need? Spectra of the true deltas, a rank sweep, recommendations.
 
     Streams one layer pair at a time: the top --singular-values of each ΔW (randomized SVD) and the energy
     beyond them, each layer's error at every --ranks value, the ‖ΔW‖²-weighted overall error and the adapter
-    size. With --max-error or --energy: a rank per layer and one global rank.
+    size. With --max-error or --energy: a rank per layer and one global rank. With --behaviour, also runs
+    base + the adapter extract --rank r writes for each rank on text, beside the weight error, and recommends
+    the smallest rank recovering --recover of the fine-tune.
 
     \b
     Examples:
       loratools spectrum fixtures/llama-base fixtures/llama-tuned --ranks 2,4,8 --max-error 0.05
       loratools spectrum base/ tuned/ --energy 0.9 --json > spectrum.json
       loratools spectrum base/ tuned/ --plot spectrum.png --device cuda
+      loratools spectrum base/ tuned/ --behaviour --ranks 4,8,16 --recover 0.95 --text sample.txt
     """
     from loratools.spectrum import rank_spectrum
 
     k = hidden_alias("--singular-values", "--max-rank", num_singular_values, old_max_rank)
     bound = hidden_alias("--max-error", "--target-error", max_error, old_target_error)
+    if behaviour is not None:
+        run_spectrum_behaviour(base, tuned, ranks=ranks, num_singular_values=128 if k is None else k,
+                               max_error=bound, energy=energy, recover=recover, selection=selection, svd=svd,
+                               options=behaviour, plot=plot, output=output)
+        return
     report = run(output, "spectrum", lambda progress: rank_spectrum(
         base, tuned, ranks=ranks, num_singular_values=128 if k is None else k, max_error=bound, energy=energy,
         selection=selection, svd=svd, progress=progress,

@@ -38,9 +38,10 @@ from loratools.errors import CheckpointError, ExportError, LoratoolsError
 from loratools.export.adapter_export import AdapterExportResult, export_adapter
 from loratools.export.genai_config import eos_ids, genai_config, model_sizes, model_type
 from loratools.export.kit import Steps, VerifyOptions, require_extras, result_json
-from loratools.export.model import read_config
+from loratools.export.model import load_merged_model
 from loratools.export.onnx_export import ExportOptions, ExportResult, export_onnx
 from loratools.export.slots import A_SUFFIX, B_SUFFIX, METADATA_KEY
+from loratools.hf_model import read_config
 from loratools.progress import Progress
 from loratools.writer import atomic_output, check_output
 
@@ -371,7 +372,6 @@ def _transformers_greedy(model: Path, adapters: Sequence[str | os.PathLike], wei
                          prompt: list[int], *, steps: int, eos: list[int]) -> list[int]:
     import torch
 
-    from loratools.export.model import load_merged_model
     from loratools.silence import quiet_transformers
 
     merged: Any = load_merged_model(model, adapters=adapters, weights=weights).model

@@ -33,9 +33,10 @@ from loratools.export.kit import (
     staged_graph,
     verify_graph,
 )
-from loratools.export.model import load_merged_model, read_config
+from loratools.export.model import load_merged_model
 from loratools.export.quantize import Agreement, Int4Options, Int4Summary, agreement
 from loratools.export.slots import SlottedModule, add_slots, resolve_slots
+from loratools.hf_model import read_config
 from loratools.options import EXPORT_DTYPES
 from loratools.progress import Progress
 from loratools.writer import check_output
