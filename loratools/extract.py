@@ -41,7 +41,7 @@ from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_files import check_format, save_adapter
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.deltas import TensorChange, layer_deltas, tensor_change
-from loratools.dtypes import OUTPUT_DTYPES, DType, dtype_name, resolve_dtype
+from loratools.dtypes import OUTPUT_DTYPES, DType, check_dtype_format, dtype_name, resolve_dtype
 from loratools.errors import FormatError, LoratoolsError
 from loratools.formats import ORIGINAL_NAMESPACES, default_format, pipeline_names
 from loratools.linalg import pooled_rel_error
@@ -204,7 +204,8 @@ def extract(
     started = time.perf_counter()
     if format is not None:
         check_format(format)
-    written_dtype = resolve_dtype(dtype)
+        check_dtype_format(dtype, format)
+    written_dtype = resolve_dtype(dtype, quantized=True)
     if conv_rank is not None and conv_rank < 1:
         raise LoratoolsError(f"--conv-rank {conv_rank} must be ≥ 1")
     device = svd.torch_device()
@@ -217,7 +218,7 @@ def extract(
         if format is None:
             format, format_reason = default_format(list(base_index.tensors), config)
         plan = plan_extract(base_index, tuned_index, selection=selection)
-        _check_plan_format(plan, format, selection)
+        _check_plan_format(plan, format, selection, config, base)
         names = pipeline_names(list(base_index.tensors), config) if format != "peft" else None
         _check_pipeline_names(plan, names, format)
         out_dtype = written_dtype or _tuned_dtype(plan, tuned_index)
@@ -267,8 +268,8 @@ def extract(
             " --save-full PATTERN"
         )
     parameters = {"rank_policy": summary.rank_policy, "algorithm": summary.algorithm}
-    save_adapter(adapter, out, format=format, inputs=[base, tuned], force=force, dtype=out_dtype,
-                 metadata=provenance("extract", [base, tuned], parameters), names=names)
+    save_adapter(adapter, out, format=format, inputs=[base, tuned], force=force, dtype=dtype or out_dtype,
+                 metadata=provenance("extract", [base, tuned], parameters), names=names, base=base)
     summary.seconds = time.perf_counter() - started
     summary.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if report is not None:
@@ -279,8 +280,10 @@ def extract(
 LEFT_OUT = "(--format peft keeps it)"  # ends the `why` of layers a kohya or diffusers file cannot hold
 
 
-def _check_plan_format(plan: Plan, format: str, selection: Selection = Selection()) -> None:
-    """Fit the plan to what `format` can hold (kohya, diffusers: no embedding or Conv1D LoRAs, no whole tensors).
+def _check_plan_format(plan: Plan, format: str, selection: Selection = Selection(), config: dict | None = None,
+                       base: str | os.PathLike = "base") -> None:
+    """Fit the plan to what `format` can hold (kohya, diffusers: no embedding or Conv1D LoRAs; GGUF: the layers
+    llama.cpp takes as LoRA on this base; none of them whole tensors).
 
     A layer the format cannot hold is compared whole instead of extracted: reported when changed (warning and
     report), like a changed norm. It is an error only when the user named it with an ``--include`` pattern.
@@ -288,16 +291,18 @@ def _check_plan_format(plan: Plan, format: str, selection: Selection = Selection
     """
     if format == "peft":
         return
+    refusals = _gguf_refusals(plan, config, base) if format == "gguf" else {
+        p.module: f"{p.kind}: {format} has no {p.kind} layout" for p in plan.pairs if p.kind in ("embedding", "conv1d")}
     kept = []
     for pair in plan.pairs:
-        if pair.kind not in ("embedding", "conv1d"):
+        if pair.module not in refusals:
             kept.append(pair)
             continue
         pattern = matches(pair.tensor, selection.include) if selection.include else None
         if pattern is not None:
-            raise FormatError(f"{pair.tensor}: {format} has no {pair.kind} layout, but --include {pattern!r} asks for"
-                              " it; use --format peft, or an --include pattern that leaves it out")
-        why = f"{pair.kind}: {format} has no {pair.kind} layout {LEFT_OUT}"
+            raise FormatError(f"{pair.tensor}: {format} cannot hold it ({refusals[pair.module]}), but --include"
+                              f" {pattern!r} asks for it; use --format peft, or an --include pattern that leaves it out")
+        why = f"{refusals[pair.module]} {LEFT_OUT}"
         plan.whole.append(WholeTensor(pair.tensor, pair.shape, False, why))
     if len(kept) != len(plan.pairs):
         plan.pairs = kept
@@ -306,6 +311,19 @@ def _check_plan_format(plan: Plan, format: str, selection: Selection = Selection
     if saved:
         raise FormatError(f"{saved[0].tensor}: {format} files cannot hold whole tensors (--save-full/--embeddings"
                           " full); use --format peft")
+
+
+def _gguf_refusals(plan: Plan, config: dict | None, base: str | os.PathLike) -> dict[str, str]:
+    """Module -> why llama.cpp cannot take it as LoRA, for the planned pairs (`formats.gguf.gguf_refusal`)."""
+    from loratools.formats.gguf import GgufBase, gguf_refusal, gguf_tensor_names
+
+    if config is None:
+        raise FormatError(f"{base}: --format gguf needs the base model's config.json (llama.cpp's architecture and"
+                          " tensor names); pass a model folder as BASE")
+    layout = GgufBase.from_config(config, f"{base}/config.json")
+    names = gguf_tensor_names(layout)
+    refusals = {p.module: gguf_refusal(p.module, p.kind, layout, names) for p in plan.pairs}
+    return {module: why for module, why in refusals.items() if why is not None}
 
 
 def _unmapped(modules: list[str], names: dict[str, str] | None) -> list[str]:

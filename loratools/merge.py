@@ -91,7 +91,7 @@ def plan_merge(
     weights = adapter_weights(len(adapters), weights)
     ops: dict[str, list[Contribution]] = {}
     for source, weight in zip(adapters, weights, strict=True):
-        adapter = source if isinstance(source, Adapter) else load_usable(source)
+        adapter = source if isinstance(source, Adapter) else load_usable(source, base=index.path)
         match = match_adapter(adapter, index)
         if match.misfit:
             name, why = next(iter(match.misfit.items()))

@@ -21,7 +21,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from loratools.dtypes import OUTPUT_DTYPES
+from loratools.dtypes import OUTPUT_DTYPES, QUANTIZED_DTYPES
 from loratools.plan import EMBEDDING_MODES, Selection
 from loratools.policies import RankPolicy
 from loratools.progress import Progress as ProgressCallback
@@ -126,13 +126,15 @@ def output_options(func: Command) -> Command:
 
 
 def write_options(output_help: str = "Where to write.", dtype_help: str = "Cast the written tensors to this dtype.",
-                  ) -> Callable[[Command], Command]:
-    """``-o/--output`` (required), ``--dtype`` and ``--force``; passes ``out``, ``dtype``, ``force``."""
+                  quantized: bool = False) -> Callable[[Command], Command]:
+    """``-o/--output`` (required), ``--dtype`` (with ``q8_0`` when `quantized`: GGUF adapters) and ``--force``;
+    passes ``out``, ``dtype``, ``force``."""
+    dtypes = [*OUTPUT_DTYPES, *QUANTIZED_DTYPES] if quantized else list(OUTPUT_DTYPES)
 
     def decorate(func: Command) -> Command:
         return _decorate(func, [
             click.option("-o", "--output", "out", required=True, type=click.Path(), metavar="PATH", help=output_help),
-            click.option("--dtype", type=click.Choice(list(OUTPUT_DTYPES)), help=dtype_help),
+            click.option("--dtype", type=click.Choice(dtypes), help=dtype_help),
             click.option("--force", is_flag=True, help="Replace the output if it exists (never an input)."),
         ])
 
