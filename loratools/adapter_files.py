@@ -197,10 +197,11 @@ GGUF_TYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}  # torch d
 def _write_gguf(adapter: Adapter, request: WriteRequest) -> None:
     from loratools.formats.gguf import BASE_MODEL_KEY, GgufBase, render_gguf, write_gguf
 
-    found = base_config(request.base) or base_config(adapter.base_model)
+    found = base_config(request.base if request.base is not None else adapter.base_model)
     if found is None:
+        given = f"{request.base} has no config.json" if request.base is not None else "no --base given"
         raise FormatError(f"{request.out}: a GGUF adapter needs the base model's config.json (llama.cpp's"
-                          " architecture and tensor names); pass --base with the base model's folder")
+                          f" architecture and tensor names), {given}; pass --base with the base model's folder")
     layout = GgufBase.from_config(*found)
     tensors, alpha = render_gguf(adapter, layout)
     stored = "q8_0" if request.dtype == "q8_0" else \
