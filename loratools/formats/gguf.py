@@ -12,8 +12,8 @@ Decisions:
 - One alpha for the file: the most common plain alpha (scale · r) of the modules. Each module's own scale
   (alpha / r, rsLoRA's alpha / √r, alpha and rank patterns, combine weights) is folded into its B, so llama.cpp's
   alpha / r rule gives every tensor its exact delta; for a uniform-rank adapter B is written unchanged.
-- Architectures: GGUF_ARCHITECTURES maps the base's ``config.json`` ``architectures`` to llama.cpp's name and
-  says whether llama.cpp's converter permutes q/k rows for its rotary layout (Llama, Mistral); B's rows are
+- Architectures: GGUF_ARCHITECTURES maps the base's ``config.json`` ``architectures`` to llama.cpp's name; PERMUTED
+  names those whose q/k rows llama.cpp's converter permutes for its rotary layout (Llama, Mistral); B's rows are
   permuted the same way. Names come from gguf's tensor-name tables (`gguf.get_tensor_name_map`).
 - What llama.cpp cannot take as LoRA is refused whole, never written half-right: full tensors (changed norms,
   ``modules_to_save``), conv layers, modules the name table does not know, and — with tied embeddings —
@@ -40,14 +40,10 @@ from loratools.adapter import Adapter, LoraModule
 from loratools.errors import FormatError, LoratoolsError
 from loratools.formats.gguf_file import GgufHeader
 
-# config.json "architectures" entry -> (llama.cpp architecture, q/k rows permuted by llama.cpp's converter)
-GGUF_ARCHITECTURES = {
-    "LlamaForCausalLM": ("llama", True),
-    "MistralForCausalLM": ("llama", True),
-    "Qwen2ForCausalLM": ("qwen2", False),
-    "Qwen3ForCausalLM": ("qwen3", False),
-}
-PERMUTED = {"llama"}
+# config.json "architectures" entry -> llama.cpp architecture (as convert_hf_to_gguf.py registers them); the ones
+# checked in llama.cpp by tests/test_gguf_llama_cpp.py (Mistral is llama.cpp's Llama class)
+GGUF_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+PERMUTED = {"llama"}  # architectures whose q/k rows llama.cpp's converter permutes for its rotary layout
 GGUF_DTYPES = ("f32", "f16", "bf16", "q8_0")
 HEADS_KEY = "loratools_attention_heads"
 BASE_MODEL_KEY = "loratools_base_model"
@@ -93,7 +89,7 @@ class GgufBase:
                 f" mapping here (known: {', '.join(GGUF_ARCHITECTURES)}); use --format peft")
         try:
             heads = int(config["num_attention_heads"])
-            return cls(GGUF_ARCHITECTURES[names[0]][0], int(config["num_hidden_layers"]), heads,
+            return cls(GGUF_ARCHITECTURES[names[0]], int(config["num_hidden_layers"]), heads,
                        int(config.get("num_key_value_heads") or heads), bool(config.get("tie_word_embeddings", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise FormatError(f"{source}: config.json lacks a usable {exc}; is it the base model's config?") from None
@@ -236,9 +232,9 @@ def parse_gguf(
                           " pass the base model the adapter was made for")
     blocks = _block_count(header.tensors)
     heads = _heads(meta, base)
-    if not isinstance(arch, str) or arch not in {a for a, _ in GGUF_ARCHITECTURES.values()}:
+    if not isinstance(arch, str) or arch not in set(GGUF_ARCHITECTURES.values()):
         raise FormatError(f"{where}: general.architecture {arch!r} is not one loratools maps"
-                          f" ({', '.join(sorted({a for a, _ in GGUF_ARCHITECTURES.values()}))})")
+                          f" ({', '.join(sorted(set(GGUF_ARCHITECTURES.values())))})")
     layout = GgufBase(arch, blocks, *(heads or (1, 1)), tied=False)
     by_tensor = {tensor: module for module, tensor in gguf_tensor_names(layout).items()}
     pairs, ignored = _pairs(header, by_tensor)
