@@ -192,3 +192,18 @@ def test_hostile_header_allocates_nothing(tmp_path, claim):
     assert peak < 256 * 1024, peak
     assert "\n" not in str(caught.value) and str(path) in str(caught.value)
     one_line_error(run_cli("inspect", path, expect=2))
+
+
+def test_inspect_shows_the_peft_table(fixture_gguf):
+    """inspect on the GGUF file: the same modules, ranks, alphas, scales, norms and exact spectra as the PEFT file."""
+    def table(path) -> list[dict]:
+        return json.loads(run_cli("inspect", path, "--json").stdout)["modules"]
+
+    ours, peft = table(fixture_gguf), table(LLAMA_PEFT)
+    assert [m["name"] for m in ours] == [m["name"] for m in peft]
+    for got, want in zip(ours, peft, strict=True):
+        for key, value in want.items():
+            if isinstance(value, (float, list)):
+                assert got[key] == pytest.approx(value, rel=1e-5), (want["name"], key)
+            else:
+                assert got[key] == value, (want["name"], key)
