@@ -207,3 +207,16 @@ def test_inspect_shows_the_peft_table(fixture_gguf):
                 assert got[key] == pytest.approx(value, rel=1e-5), (want["name"], key)
             else:
                 assert got[key] == value, (want["name"], key)
+
+
+def test_adapter_commands_write_gguf(fixture_gguf, tmp_path):
+    """rescale, resize and combine write GGUF (base from the adapter's base_model) and read GGUF inputs."""
+    original = load_adapter(LLAMA_PEFT)
+    run_cli("rescale", LLAMA_PEFT, "-o", tmp_path / "half.gguf", "--scale", "0.5", "--format", "gguf", "-q")
+    half = load_adapter(tmp_path / "half.gguf")
+    for name, module in original.modules.items():
+        torch.testing.assert_close(half.modules[name].delta(), 0.5 * module.delta(), rtol=1e-5, atol=1e-7)
+    run_cli("combine", fixture_gguf, LLAMA_PEFT, "-o", tmp_path / "sum.gguf", "-w", "1", "-w", "-1", "-q")
+    assert all(float(m.delta().abs().max()) < 1e-6 for m in load_adapter(tmp_path / "sum.gguf").modules.values())
+    run_cli("resize", fixture_gguf, "-o", tmp_path / "r2.gguf", "--rank", "2", "--base", LLAMA_BASE, "-q")
+    assert set(load_adapter(tmp_path / "r2.gguf").ranks) == {2}
