@@ -82,11 +82,12 @@ def _write(
     layers: Sequence[ModuleChange] = (),
     prefix: str | None = None,
     names: dict[str, str] | None = None,
+    base: PathLike | None = None,
 ) -> AdapterResult:
     format, reason = chosen  # from _output_format
     path = save_adapter(adapter, out, format=format, inputs=inputs, force=force, dtype=dtype, kohya_prefix=prefix,
-                        metadata=metadata, names=names)
-    cast = resolve_dtype(dtype)
+                        metadata=metadata, names=names, base=base)
+    cast = resolve_dtype(dtype, quantized=True)
     written = adapter.to(cast) if cast is not None else adapter
     return AdapterResult(path, format, len(adapter.modules), written.num_parameters(), adapter.ranks, list(layers),
                          list(adapter.notes), reason)
@@ -109,6 +110,7 @@ def combine(
     format: str | None = None,
     dtype: DType | None = None,
     force: bool = False,
+    base: PathLike | None = None,
     progress: Progress | None = None,
 ) -> AdapterResult:
     """Write Σ wᵢ·ΔWᵢ of several adapter files as one adapter (see `algebra.combine_adapters`).
@@ -117,18 +119,19 @@ def combine(
         adapters: PEFT folders/files and kohya files, in any mix.
         weights: one per adapter (default 1 each).
         method: "concat" (exact, ranks add) or "svd" (recompressed; `policy`, default each layer's largest rank).
-        format: "peft", "kohya" or "diffusers" (default: the first adapter's).
+        format: "peft", "kohya", "diffusers" or "gguf" (default: the first adapter's).
         dtype: the factors' dtype (default: the inputs' promoted dtype).
+        base: the base model folder (reads GGUF inputs in Hugging Face row order; GGUF output: its config.json).
     Example:
         >>> combine(["style", "subject"], "both", weights=[0.7, 1.0], method="svd", policy=RankPolicy("rank", 16))
     """
-    loaded = [load_usable(path) for path in adapters]
+    loaded = [load_usable(path, base=base) for path in adapters]
     combined, layers = combine_adapters(loaded, weights=weights, method=method, policy=policy,
-                                        dtype=resolve_dtype(dtype), progress=progress)
+                                        dtype=resolve_dtype(dtype, quantized=True), progress=progress)
     metadata = provenance("combine", adapters, {"method": method, "weights": list(weights or []),
                                                 "policy": policy.describe() if policy else None})
-    return _write(combined, out, chosen=_output_format(loaded[0], format), inputs=adapters, force=force, dtype=None,
-                  metadata=metadata, layers=layers)
+    return _write(combined, out, chosen=_output_format(loaded[0], format), inputs=adapters, force=force, dtype=dtype,
+                  metadata=metadata, layers=layers, base=base)
 
 
 def rescale(
@@ -140,14 +143,16 @@ def rescale(
     format: str | None = None,
     dtype: DType | None = None,
     force: bool = False,
+    base: PathLike | None = None,
 ) -> AdapterResult:
     """Write the adapter with every delta times `scale`, or with alpha set to `alpha` and deltas unchanged
-    (give exactly one); `format`: "peft", "kohya" or "diffusers" (default: the input's)."""
-    loaded = load_usable(adapter)
+    (give exactly one); `format`: "peft", "kohya", "diffusers" or "gguf" (default: the input's); `base`: the base
+    model folder (GGUF input or output)."""
+    loaded = load_usable(adapter, base=base)
     rescaled = rescale_adapter(loaded, scale=scale, alpha=alpha)
     metadata = provenance("rescale", [adapter], {"scale": scale, "alpha": alpha})
     return _write(rescaled, out, chosen=_output_format(loaded, format), inputs=[adapter], force=force, dtype=dtype,
-                  metadata=metadata)
+                  metadata=metadata, base=base)
 
 
 def resize(
@@ -159,18 +164,20 @@ def resize(
     dtype: DType | None = None,
     force: bool = False,
     report: PathLike | None = None,
+    base: PathLike | None = None,
     progress: Progress | None = None,
 ) -> AdapterResult:
     """Write the adapter with each module optimally truncated to the rank `policy` chooses, scale preserved.
 
     Args:
-        format: "peft", "kohya" or "diffusers" (default: the input's).
+        format: "peft", "kohya", "diffusers" or "gguf" (default: the input's).
+        base: the base model folder (GGUF input or output).
         report: also write the result (per-layer ranks and errors) as JSON to this path; checked before the
             adapter is written.
     """
     if report is not None:
         check_output(report, [adapter, out], force)
-    loaded = load_usable(adapter, structured=True)
+    loaded = load_usable(adapter, structured=True, base=base)
     _refuse_dora_without_base(loaded, adapter, None)
     resized, layers = resize_adapter(replace(loaded, structured={}), policy=policy, progress=progress)
     conversion = None
@@ -179,7 +186,7 @@ def resize(
         resized = replace(resized, modules={**resized.modules, **converted.modules})
     metadata = provenance("resize", [adapter], {"policy": policy.describe()})
     result = _write(resized, out, chosen=_output_format(loaded, format), inputs=[adapter], force=force, dtype=dtype,
-                    metadata=metadata, layers=layers)
+                    metadata=metadata, layers=layers, base=base)
     result.conversion = conversion
     if report is not None:
         write_json(report, result.to_json(), inputs=[adapter, out], force=force)
@@ -204,16 +211,17 @@ def convert(
     the error against the Eckart–Young optimum in ``result.conversion``.
 
     Args:
-        format: "peft", "kohya" or "diffusers".
+        format: "peft", "kohya", "diffusers" or "gguf".
         prefix: kohya key prefix (default: chosen from each module's namespace).
         base: the model the adapter is for; resolves kohya stems to the dotted module names PEFT and diffusers
-            need, and gives kohya / diffusers keys the base's diffusers pipeline names (`pipeline_names`).
-            Required for DoRA (its ΔW = W' − W depends on W).
+            need, and gives kohya / diffusers keys the base's diffusers pipeline names (`pipeline_names`); for GGUF
+            (in or out) its config.json gives llama.cpp's architecture, names and q/k row order. Required for DoRA
+            (its ΔW = W' − W depends on W).
         policy: rank policy for LoHa / LoKr / DoRA modules (plain LoRA modules are copied as they are).
         svd: how a DoRA ΔW is factored (`rsvd.SvdSettings`).
     """
     check_format(format)
-    loaded = load_usable(adapter, structured=True)
+    loaded = load_usable(adapter, structured=True, base=base)
     if policy is not None and not loaded.structured:
         raise FormatError(f"{adapter}: rank options apply to LoHa / LoKr / DoRA modules and this adapter has none;"
                           " use `loratools resize` to change a LoRA's rank")
@@ -238,7 +246,7 @@ def convert(
     metadata = provenance("convert", [adapter], {"format": format, "prefix": prefix,
                                                  "policy": policy.describe() if policy else None})
     result = _write(loaded, out, chosen=_output_format(loaded, format), inputs=[adapter], force=force, dtype=dtype,
-                    metadata=metadata, prefix=prefix, names=names)
+                    metadata=metadata, prefix=prefix, names=names, base=base)
     result.conversion = conversion
     return result
 

@@ -41,9 +41,10 @@ from loratools.adapter import Adapter, LoraModule
 from loratools.adapter_files import check_format, save_adapter
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.deltas import LayerDelta, TensorChange, layer_deltas, tensor_change_of
-from loratools.dtypes import OUTPUT_DTYPES, DType, dtype_name, resolve_dtype
+from loratools.dtypes import OUTPUT_DTYPES, DType, check_dtype_format, dtype_name, resolve_dtype
 from loratools.errors import FormatError, LoratoolsError
 from loratools.formats import ORIGINAL_NAMESPACES, default_format, pipeline_names
+from loratools.formats.gguf import GgufBase, gguf_refusal, gguf_tensor_names
 from loratools.hub import resolve_checkpoint
 from loratools.linalg import pooled_rel_error
 from loratools.names import matches, natural_key, short_list
@@ -183,7 +184,8 @@ class ExtractSettings:
     def __post_init__(self) -> None:
         if self.format is not None:
             check_format(self.format)
-        resolve_dtype(self.dtype)
+            check_dtype_format(self.dtype, self.format)
+        resolve_dtype(self.dtype, quantized=True)
 
     def provenance_parameters(self) -> dict[str, str]:
         """The settings an adapter records in its provenance (`writer.provenance`): rank policy and SVD."""
@@ -296,10 +298,10 @@ def start_pair(
     if fmt is None:
         fmt, format_reason = default_format(list(base_index.tensors), config)
     plan = plan_extract(base_index, tuned_index, selection=settings.selection)
-    _check_plan_format(plan, fmt, settings.selection)
+    _check_plan_format(plan, fmt, settings.selection, config, base)
     names = pipeline_names(list(base_index.tensors), config) if fmt != "peft" else None
     _check_pipeline_names(plan, names, fmt)
-    out_dtype = resolve_dtype(settings.dtype) or _tuned_dtype(plan, tuned_index)
+    out_dtype = resolve_dtype(settings.dtype, quantized=True) or _tuned_dtype(plan, tuned_index)
     summary = ExtractSummary(
         base=str(base), tuned=str(tuned), output=str(out), format=fmt, dtype=dtype_name(out_dtype),
         rank_policy=settings.policy.describe(), algorithm=describe_svd(settings.svd), device=str(settings.svd.device),
@@ -365,8 +367,8 @@ def finish_pair(
     adapter, fmt = result.adapter, result.summary.format
     assert adapter is not None
     inputs = [job.base, job.tuned]
-    save_adapter(adapter, job.out, format=fmt, inputs=inputs, force=force, dtype=job.out_dtype,
-                 metadata=provenance("extract", inputs, job.settings.provenance_parameters()), names=job.names)
+    save_adapter(adapter, job.out, format=fmt, inputs=inputs, force=force, dtype=job.settings.dtype or job.out_dtype,
+                 metadata=provenance("extract", inputs, job.settings.provenance_parameters()), names=job.names, base=job.base)
     if started is not None:
         result.summary.seconds = time.perf_counter() - started
     result.summary.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -485,8 +487,10 @@ def extract_adapter(
     return result
 
 
-def _check_plan_format(plan: Plan, format: str, selection: Selection = Selection()) -> None:
-    """Fit the plan to what `format` can hold (kohya, diffusers: no embedding or Conv1D LoRAs, no whole tensors).
+def _check_plan_format(plan: Plan, format: str, selection: Selection = Selection(), config: dict | None = None,
+                       base: str | os.PathLike = "base") -> None:
+    """Fit the plan to what `format` can hold (kohya, diffusers: no embedding or Conv1D LoRAs; GGUF: the layers
+    llama.cpp takes as LoRA on this base; none of them whole tensors).
 
     A layer the format cannot hold is compared whole instead of extracted: reported when changed (warning and
     report), like a changed norm. It is an error only when the user named it with an ``--include`` pattern.
@@ -494,16 +498,18 @@ def _check_plan_format(plan: Plan, format: str, selection: Selection = Selection
     """
     if format == "peft":
         return
+    refusals = _gguf_refusals(plan, config, base) if format == "gguf" else {
+        p.module: f"{p.kind}: {format} has no {p.kind} layout" for p in plan.pairs if p.kind in ("embedding", "conv1d")}
     kept = []
     for pair in plan.pairs:
-        if pair.kind not in ("embedding", "conv1d"):
+        if pair.module not in refusals:
             kept.append(pair)
             continue
         pattern = matches(pair.tensor, selection.include) if selection.include else None
         if pattern is not None:
-            raise FormatError(f"{pair.tensor}: {format} has no {pair.kind} layout, but --include {pattern!r} asks for"
-                              " it; use --format peft, or an --include pattern that leaves it out")
-        why = f"{pair.kind}: {format} has no {pair.kind} layout (--format peft keeps it)"
+            raise FormatError(f"{pair.tensor}: {format} cannot hold it ({refusals[pair.module]}), but --include"
+                              f" {pattern!r} asks for it; use --format peft, or an --include pattern that leaves it out")
+        why = f"{refusals[pair.module]} (--format peft keeps it)"
         plan.whole.append(WholeTensor(pair.tensor, pair.shape, False, why, left_out=True))
     if len(kept) != len(plan.pairs):
         plan.pairs = kept
@@ -512,6 +518,17 @@ def _check_plan_format(plan: Plan, format: str, selection: Selection = Selection
     if saved:
         raise FormatError(f"{saved[0].tensor}: {format} files cannot hold whole tensors (--save-full/--embeddings"
                           " full); use --format peft")
+
+
+def _gguf_refusals(plan: Plan, config: dict | None, base: str | os.PathLike) -> dict[str, str]:
+    """Module -> why llama.cpp cannot take it as LoRA, for the planned pairs (`formats.gguf.gguf_refusal`)."""
+    if config is None:
+        raise FormatError(f"{base}: --format gguf needs the base model's config.json (llama.cpp's architecture and"
+                          " tensor names); pass a model folder as BASE")
+    layout = GgufBase.from_config(config, f"{base}/config.json")
+    names = gguf_tensor_names(layout)
+    refusals = {p.module: gguf_refusal(p.module, p.kind, layout, names) for p in plan.pairs}
+    return {module: why for module, why in refusals.items() if why is not None}
 
 
 def _unmapped(modules: list[str], names: dict[str, str] | None) -> list[str]:

@@ -257,7 +257,8 @@ def inspect_adapter(
     if isinstance(source, Adapter):
         adapter, name, size = source, "adapter", None
     else:
-        adapter, name, size = load_adapter(source), str(source), _file_size(Path(source))
+        # spectra and norms do not depend on row order: a GGUF file's q/k rows may stay in llama.cpp's order
+        adapter, name, size = load_adapter(source, any_row_order=True), str(source), _file_size(Path(source))
     if base is None:
         return _report(adapter, name, size, None, sort=sort, pattern=pattern, top=top, progress=progress)
     with open_checkpoint(base) as index:

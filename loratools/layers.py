@@ -50,6 +50,8 @@ OWNERS: dict[str, tuple[str, ...]] = {
     "matplotlib": ("plot",),
     "ray": ("fleet_ray",),
     "huggingface_hub": ("hub",),
+    "gguf": ("formats.gguf",),
+    "llama_cpp": (),  # a test judge only
     "click": ("cli.*",),
     "rich": ("cli.*",),
 }

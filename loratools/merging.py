@@ -96,7 +96,7 @@ def plan_merge(
     weights = adapter_weights(len(adapters), weights)
     ops: dict[str, list[Contribution]] = {}
     for source, weight in zip(adapters, weights, strict=True):
-        adapter = source if isinstance(source, Adapter) else load_usable(source, structured=True)
+        adapter = source if isinstance(source, Adapter) else load_usable(source, structured=True, base=index.path)
         adapter = resolve_kohya_names(adapter, index.tensors)
         for name, tensor in base_weights(adapter, index).items():  # LoHa / LoKr / DoRA, as their loaders merge
             module = with_base_shape(adapter.structured[name], index.info(tensor).shape)

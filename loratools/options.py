@@ -22,10 +22,11 @@ POLICY_LIMITS = {
 }
 RANK_POLICIES = tuple(POLICY_LIMITS)
 OUTPUT_DTYPE_NAMES = ("fp32", "fp16", "bf16")  # written dtypes (`dtypes.OUTPUT_DTYPES` maps them)
+QUANTIZED_DTYPE_NAMES = ("q8_0",)  # written by the GGUF format only (`dtypes.QUANTIZED_DTYPES`)
 EXPORT_DTYPES = ("fp32", "fp16")  # ONNX graph precisions; bf16 does not run on onnxruntime's CPU provider
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 2e-2, "int8": 0.25, "int4": 0.5}  # ONNX verification tolerance by graph precision
 # formats an adapter is written in; `adapter_files.WRITERS` has one writer for each (a test holds them equal)
-ADAPTER_FORMATS = ("peft", "kohya", "diffusers")
+ADAPTER_FORMATS = ("peft", "kohya", "diffusers", "gguf")
 
 
 def check_policy_value(kind: str, value: float) -> None:

@@ -251,7 +251,7 @@ def verify_adapter(
         >>> report.summary()["rel_error"] < 1e-6
         True
     """
-    loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+    loaded = adapter if isinstance(adapter, Adapter) else load_adapter(adapter, base=base)
     device = svd_device(svd)
     with open_checkpoint(base) as base_index, open_checkpoint(tuned) as tuned_index:
         targets, unmatched = _match(loaded, base_index, tuned_index)

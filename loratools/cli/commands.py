@@ -33,19 +33,22 @@ from loratools.cli.render import (
 from loratools.options import ADAPTER_FORMATS, BehaviourOptions, RankPolicy, Selection, SvdSettings
 
 FORMAT_CHOICE = click.Choice(ADAPTER_FORMATS)
+GGUF_BASE_HELP = ("The base model folder: its config.json gives a GGUF adapter llama.cpp's architecture, names and"
+                  " q/k row order (default: the adapter's base_model when a local folder).")
 
 
 @cli.command("extract")
 @click.argument("base")
 @click.argument("tuned", nargs=-1)
-@write_options("A folder (PEFT, diffusers), or a .safetensors file (kohya / bare PEFT / diffusers); for a fleet, the"
-               " folder of the adapters.", "Written dtype (default: the tuned weights').")
+@write_options("A folder (PEFT, diffusers), a .safetensors file (kohya / bare PEFT / diffusers) or a .gguf file; for"
+               " a fleet, the folder of the adapters.", "Written dtype (default: the tuned weights'; q8_0: GGUF only).",
+               quantized=True)
 @rank_policy_options(default_rank=16)
 @click.option("--conv-rank", type=click.IntRange(min=1), help="Fixed rank for conv2d layers (default: the policy).")
 @selection_options(writes_adapter=True)
 @click.option("--format", "fmt", type=FORMAT_CHOICE,
-              help="PEFT folder (or file), kohya / A1111 / ComfyUI file, or diffusers (load_lora_weights) folder or"
-                   " file [default: kohya for Stable Diffusion inputs, else peft].")
+              help="PEFT folder (or file), kohya / A1111 / ComfyUI file, diffusers (load_lora_weights) folder or"
+                   " file, or llama.cpp GGUF file [default: kohya for Stable Diffusion inputs, else peft].")
 @svd_options
 @click.option("--report", type=click.Path(dir_okay=False), help="Also write the report as JSON to this file.")
 @click.option("--dry-run", is_flag=True, help="Show the plan (from headers only) and stop.")
@@ -259,15 +262,16 @@ def merge_command(base: str, adapters: tuple[str, ...], out: str, dtype: str | N
 
 @cli.command("combine")
 @click.argument("adapters", nargs=-1, required=True, type=click.Path(exists=True))
-@write_options()
+@write_options(quantized=True)
 @click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight per adapter, in order (default 1).")
 @click.option("--method", type=click.Choice(["concat", "svd"]), default="concat", show_default=True,
               help="concat: exact, ranks add. svd: the exact sum recompressed to a rank policy.")
 @rank_policy_options(default_rank=None, required=False)
 @click.option("--format", "fmt", type=FORMAT_CHOICE, help="Output format (default: the first's).")
+@click.option("--base", type=click.Path(exists=True), help=GGUF_BASE_HELP)
 @output_options
 def combine_command(adapters: tuple[str, ...], out: str, dtype: str | None, force: bool, weights: tuple[float, ...],
-                    method: str, policy: RankPolicy | None, fmt: str | None, output: Output) -> None:
+                    method: str, policy: RankPolicy | None, fmt: str | None, base: str | None, output: Output) -> None:
     """Combine adapters into one whose delta is Σ wᵢ·ΔWᵢ.
 
     --method concat stacks the factors along the rank axis: exact, ranks add. --method svd recompresses the
@@ -286,19 +290,20 @@ def combine_command(adapters: tuple[str, ...], out: str, dtype: str | None, forc
     title = "svd recompression: error against the exact sum" if method == "svd" else None
     run(output, "combine", lambda progress: combine(
         adapters, out, weights=weights, method=method, policy=policy, format=fmt, dtype=dtype, force=force,
-        progress=progress,
+        base=base, progress=progress,
     ), lambda result, quiet: show_written(result, quiet, title))
 
 
 @cli.command("rescale")
 @click.argument("adapter", type=click.Path(exists=True))
-@write_options()
+@write_options(quantized=True)
 @click.option("--scale", type=float, help="Multiply every delta by S (alpha × S, factors unchanged).")
 @click.option("--alpha", type=float, help="Set alpha to A and keep every delta unchanged (B rescaled).")
 @click.option("--format", "fmt", type=FORMAT_CHOICE, help="Output format (default: the input's).")
+@click.option("--base", type=click.Path(exists=True), help=GGUF_BASE_HELP)
 @output_options
 def rescale_command(adapter: str, out: str, dtype: str | None, force: bool, scale: float | None,
-                    alpha: float | None, fmt: str | None, output: Output) -> None:
+                    alpha: float | None, fmt: str | None, base: str | None, output: Output) -> None:
     """Scale an adapter's deltas (--scale S) or change its alpha keeping the deltas (--alpha A).
 
     \b
@@ -309,18 +314,20 @@ def rescale_command(adapter: str, out: str, dtype: str | None, force: bool, scal
     from loratools.adapter_commands import rescale
 
     run(output, "rescale",
-        lambda _: rescale(adapter, out, scale=scale, alpha=alpha, format=fmt, dtype=dtype, force=force), show_written)
+        lambda _: rescale(adapter, out, scale=scale, alpha=alpha, format=fmt, dtype=dtype, force=force, base=base),
+        show_written)
 
 
 @cli.command("resize")
 @click.argument("adapter", type=click.Path(exists=True))
-@write_options()
+@write_options(quantized=True)
 @rank_policy_options(default_rank=None)
 @click.option("--report", type=click.Path(dir_okay=False), metavar="FILE.json", help="Also write the report as JSON.")
 @click.option("--format", "fmt", type=FORMAT_CHOICE, help="Output format (default: the input's).")
+@click.option("--base", type=click.Path(exists=True), help=GGUF_BASE_HELP)
 @output_options
 def resize_command(adapter: str, out: str, dtype: str | None, force: bool, policy: RankPolicy, report: str | None,
-                   fmt: str | None, output: Output) -> None:
+                   fmt: str | None, base: str | None, output: Output) -> None:
     """Truncate every module optimally (factor SVD) to a new rank, keeping its scale.
 
     Each module's delta is decomposed from its factors (QR + small SVD, no dense ΔW) and cut to the rank the
@@ -343,17 +350,18 @@ def resize_command(adapter: str, out: str, dtype: str | None, force: bool, polic
 
 @cli.command("convert")
 @click.argument("adapter", type=click.Path(exists=True))
-@write_options()
+@write_options(quantized=True)
 @click.option("--format", "fmt", type=FORMAT_CHOICE, required=True, help="Output format.")
 @click.option("--prefix", help="kohya key prefix, e.g. lora_unet_ (default: from each module's namespace).")
 @click.option("--base", type=click.Path(exists=True),
-              help="The model the adapter is for (resolves kohya names; required for DoRA).")
+              help="The model the adapter is for (resolves kohya names; GGUF: llama.cpp's architecture and names;"
+                   " required for DoRA).")
 @rank_policy_options(default_rank=None, required=False)
 @svd_options
 @output_options
 def convert_command(adapter: str, out: str, dtype: str | None, force: bool, fmt: str, prefix: str | None,
                     base: str | None, policy: RankPolicy | None, svd: SvdSettings, output: Output) -> None:
-    """Convert an adapter between PEFT, kohya and diffusers formats; the deltas stay identical.
+    """Convert an adapter between PEFT, kohya, diffusers and llama.cpp GGUF formats; the deltas stay identical.
 
     kohya → PEFT or diffusers needs dotted module names: files written by loratools carry them, others need
     --base. With --base, kohya and diffusers keys get the base's diffusers pipeline names.
@@ -373,6 +381,7 @@ def convert_command(adapter: str, out: str, dtype: str | None, force: bool, fmt:
           --base fixtures/sd-base.safetensors --rank 8
       loratools convert fixtures/llama-dora-peft -o out/llama-lora --format peft --base fixtures/llama-base \\
           --rank 16
+      loratools convert fixtures/llama-lora-peft -o out/llama-lora.gguf --format gguf --base fixtures/llama-base
     """
     from loratools.adapter_commands import convert
     from loratools.cli.render_structured import show_converted

@@ -21,7 +21,14 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from loratools.options import EMBEDDING_MODES, OUTPUT_DTYPE_NAMES, RankPolicy, Selection, SvdSettings
+from loratools.options import (
+    EMBEDDING_MODES,
+    OUTPUT_DTYPE_NAMES,
+    QUANTIZED_DTYPE_NAMES,
+    RankPolicy,
+    Selection,
+    SvdSettings,
+)
 from loratools.progress import Progress as ProgressCallback
 
 Command = Callable[..., Any]
@@ -123,13 +130,15 @@ def output_options(func: Command) -> Command:
 
 
 def write_options(output_help: str = "Where to write.", dtype_help: str = "Cast the written tensors to this dtype.",
-                  ) -> Callable[[Command], Command]:
-    """``-o/--output`` (required), ``--dtype`` and ``--force``; passes ``out``, ``dtype``, ``force``."""
+                  quantized: bool = False) -> Callable[[Command], Command]:
+    """``-o/--output`` (required), ``--dtype`` (with ``q8_0`` when `quantized`: GGUF adapters) and ``--force``;
+    passes ``out``, ``dtype``, ``force``."""
+    dtypes = [*OUTPUT_DTYPE_NAMES, *QUANTIZED_DTYPE_NAMES] if quantized else list(OUTPUT_DTYPE_NAMES)
 
     def decorate(func: Command) -> Command:
         return _decorate(func, [
             click.option("-o", "--output", "out", required=True, type=click.Path(), metavar="PATH", help=output_help),
-            click.option("--dtype", type=click.Choice(OUTPUT_DTYPE_NAMES), help=dtype_help),
+            click.option("--dtype", type=click.Choice(dtypes), help=dtype_help),
             click.option("--force", is_flag=True, help="Replace the output if it exists (never an input)."),
         ])
 

@@ -7,6 +7,9 @@
 - `sd_names`: Stable Diffusion pipeline and original single-file names; the default output format.
 - `config_rules`: checks of what a file claims (config types, ranks, finite values).
 - `parse`: any flat state dict into an `Adapter`.
+- `gguf_file`: GGUF files read safely (bounds-checked header, tensors one at a time); no ``gguf`` import.
+- `gguf`: llama.cpp GGUF LoRA adapters (names from gguf's tables, scales folded into B); imports ``gguf`` only
+  when used, so it is imported by its users, not re-exported here.
 
 A new format is one new module here plus one entry in `adapter_files.WRITERS` (and, for reading, in
 `parse.detect_format`).
