@@ -192,6 +192,17 @@ def run_cli(*args: object, expect: int | None = 0, group: Any = None):
     return result
 
 
+def assert_one_line_error(result, *names: str) -> str:
+    """A CLI failure as the guarantees want it: exit 2, one `error:` line on stderr naming every name, no traceback."""
+    assert result.exit_code == 2, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    stderr = result.stderr
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert "Traceback" not in result.output
+    for name in names:
+        assert name in stderr, f"{name!r} not in {stderr!r}"
+    return stderr
+
+
 def cli_json(*args: object) -> dict:
     """Run a command with ``--json -q`` (exit 0) and return its JSON report."""
     return json.loads(run_cli(*args, "--json", "-q").stdout)

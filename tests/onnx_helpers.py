@@ -80,11 +80,3 @@ def export(*args, expect: int = 0) -> dict | None:
 
 def initializer_shapes(path: Path) -> list[tuple[int, ...]]:
     return [tuple(i.dims) for i in onnx.load(str(path), load_external_data=False).graph.initializer]
-
-
-def assert_one_line_error(result, *needles: str) -> None:
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]

@@ -12,7 +12,7 @@ import torch
 
 from tests import bad_inputs as bad
 from tests.bad_inputs import Inputs, make_inputs, snapshot
-from tests.helpers import run_cli
+from tests.helpers import assert_one_line_error, run_cli
 
 COMMANDS: dict[str, Callable[[Inputs], list[object]]] = {
     "extract": lambda p: ["extract", p.base, p.tuned, "-o", p.out, "--rank", "2"],
@@ -87,16 +87,6 @@ def _cases() -> list:
             commands |= set(READS_ADAPTER)
         params += [pytest.param(case, command, id=f"{command}-{case}") for command in sorted(commands)]
     return params
-
-
-def assert_one_line_error(result, *names: str) -> str:
-    assert result.exit_code == 2, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    stderr = result.stderr
-    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
-    assert "Traceback" not in result.output
-    for name in names:
-        assert name in stderr, f"{name!r} not in {stderr!r}"
-    return stderr
 
 
 @pytest.fixture(scope="module")

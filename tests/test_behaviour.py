@@ -16,9 +16,7 @@ from loratools.behaviour import spectrum_behaviour, token_windows, verify_behavi
 from loratools.extraction import extract
 from loratools.options import BehaviourOptions, RankPolicy, Selection, SvdSettings
 from tests.behaviour_helpers import FineTune, char_tokenizer, make_finetune, pattern, pattern_text
-from tests.conftest import LLAMA_BASE, LLAMA_PEFT, LLAMA_TUNED
-from tests.helpers import make_gpt2_pair, run_cli
-from tests.test_bad_input import assert_one_line_error, invoke
+from tests.helpers import LLAMA_BASE, LLAMA_PEFT, LLAMA_TUNED, assert_one_line_error, make_gpt2_pair, run_cli
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -148,7 +146,7 @@ def test_cli_spectrum_behaviour_table_json_and_plot(finetune, tmp_path):
 def test_no_tokenizer_falls_back_to_random_tokens_only_without_text(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("hello")
-    result = invoke(["verify", LLAMA_BASE, LLAMA_TUNED, LLAMA_PEFT, "--behaviour", "--text", text])
+    result = run_cli("verify", LLAMA_BASE, LLAMA_TUNED, LLAMA_PEFT, "--behaviour", "--text", text, expect=None)
     assert_one_line_error(result, "text.txt", "tokenizer", "leave out --text")
     result = run_cli("verify", LLAMA_BASE, LLAMA_TUNED, LLAMA_PEFT, "--behaviour", "--max-tokens", "256", "--json")
     assert "random token sequences" in result.stderr and "no tokenizer" in result.stderr
@@ -166,7 +164,7 @@ def test_text_longer_than_the_context_is_split(finetune, tmp_path):
 
 
 def test_adapter_for_another_model_is_one_line(finetune):
-    result = invoke(["verify", finetune.base, finetune.tuned, LLAMA_PEFT, "--behaviour"])
+    result = run_cli("verify", finetune.base, finetune.tuned, LLAMA_PEFT, "--behaviour", expect=None)
     assert_one_line_error(result, "llama-lora-peft", "another model")
 
 
@@ -182,7 +180,7 @@ def test_a_model_that_is_neither_causal_nor_a_text_encoder_is_one_line(tmp_path,
         transformers.ViTModel(config).save_pretrained(tmp_path / "base")
         expected = ("vit", "pixel_values", "not token ids")
     shutil.copytree(tmp_path / "base", tmp_path / "tuned")
-    result = invoke(["spectrum", tmp_path / "base", tmp_path / "tuned", "--behaviour"])
+    result = run_cli("spectrum", tmp_path / "base", tmp_path / "tuned", "--behaviour", expect=None)
     assert_one_line_error(result, *expected)
 
 

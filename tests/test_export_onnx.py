@@ -14,9 +14,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.helpers import LLAMA_BASE, LLAMA_PEFT, llama_from, run_cli, save_tiny_gpt2, save_tiny_llama
-from tests.onnx_helpers import (
+from tests.helpers import (
+    LLAMA_BASE,
+    LLAMA_PEFT,
     assert_one_line_error,
+    llama_from,
+    run_cli,
+    save_tiny_gpt2,
+    save_tiny_llama,
+)
+from tests.onnx_helpers import (
     causal_feeds,
     export,
     hf_greedy,

@@ -12,8 +12,7 @@ import pytest
 from loratools.errors import CheckpointError, ExportError, LoratoolsError
 from loratools.export.genai_bundle import BundleOptions, ServedAdapter
 from loratools.export.genai_config import MODEL_TYPES, genai_config, model_type, search_defaults, token_ids
-from tests.helpers import run_cli
-from tests.onnx_helpers import assert_one_line_error
+from tests.helpers import assert_one_line_error, run_cli
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
          "num_hidden_layers": 2, "vocab_size": 256, "max_position_embeddings": 128, "head_dim": 16,

@@ -16,9 +16,8 @@ import torch
 from loratools.adapter_files import load_adapter, save_adapter
 from loratools.errors import LoratoolsError
 from loratools.formats.gguf_file import read_gguf_header
-from tests.conftest import LLAMA_BASE, LLAMA_PEFT, LLAMA_TUNED, SD_BASE
 from tests.gguf_helpers import peft_adapter, save_tiny_base
-from tests.helpers import assert_same_deltas, run_cli, save_tiny_gpt2
+from tests.helpers import LLAMA_BASE, LLAMA_PEFT, LLAMA_TUNED, SD_BASE, assert_same_deltas, run_cli, save_tiny_gpt2
 
 gguf = pytest.importorskip("gguf")
 

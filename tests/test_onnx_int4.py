@@ -22,9 +22,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from loratools.export.quantize import Int4Options, quantize_int4
-from tests.helpers import LLAMA_BASE, run_cli, save_tiny_llama
+from tests.helpers import LLAMA_BASE, assert_one_line_error, run_cli, save_tiny_llama
 from tests.onnx_helpers import (
-    assert_one_line_error,
     causal_feeds,
     export,
     ort_greedy,

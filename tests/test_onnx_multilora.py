@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 import loratools
-from tests.helpers import cli_json, run_cli, save_tiny_gpt2, save_tiny_llama
-from tests.onnx_helpers import assert_one_line_error, causal_feeds, peft_adapter, peft_merged, session
+from tests.helpers import assert_one_line_error, cli_json, run_cli, save_tiny_gpt2, save_tiny_llama
+from tests.onnx_helpers import causal_feeds, peft_adapter, peft_merged, session
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
