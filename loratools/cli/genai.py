@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from loratools.cli.app import cli
-from loratools.cli.options import Command, Output, output_options, print_json, stdout_console
+from loratools.cli.options import Command, Output, output_options, show_result, stdout_console
 from loratools.cli.render import human_bytes
 
 if TYPE_CHECKING:  # result types only: importing loratools.export here would load torch with the CLI
@@ -151,12 +151,7 @@ def generate_command(bundle: str, prompt: str, adapter: str | None, max_new_toke
         sys.stdout.flush()
 
     result = generate(bundle, prompt, options=options, on_text=write if streaming else None)
-    for note in result.notes:
-        click.echo(f"warning: {note}", err=True)
-    if output.as_json:
-        print_json(result.to_json())
-    else:
-        show_generation(result, output.quiet)
+    show_result(output, result, show_generation)
 
 
 def show_generation(result: GenerateResult, quiet: bool) -> None:

@@ -100,13 +100,18 @@ def run(output: Output, label: str, call: Callable[[ProgressCallback | None], R]
     """
     with progress_bar(label, hidden=output.quiet or output.as_json) as update:
         result = call(update)
+    show_result(output, result, render)
+    return result
+
+
+def show_result(output: Output, result: R, render: Callable[[R, bool], None]) -> None:
+    """A finished command's warnings on stderr, then its result as JSON (``--json``) or through `render`."""
     for note in result.notes:
         click.echo(f"warning: {note}", err=True)
     if output.as_json:
         print_json(result.to_json())
     else:
         render(result, output.quiet)
-    return result
 
 
 def _decorate(func: Command, options: list[Callable[[Command], Command]]) -> Command:
