@@ -42,12 +42,12 @@ from loratools.adapter_files import check_format, save_adapter
 from loratools.checkpoint import TensorIndex, open_checkpoint
 from loratools.deltas import LayerDelta, TensorChange, layer_deltas, tensor_change_of
 from loratools.dtypes import OUTPUT_DTYPES, DType, check_dtype_format, dtype_name, resolve_dtype
-from loratools.errors import FormatError, LoratoolsError
-from loratools.formats import ORIGINAL_NAMESPACES, default_format, pipeline_names
-from loratools.formats.gguf import GgufBase, gguf_refusal, gguf_tensor_names
+from loratools.errors import LoratoolsError
+from loratools.format_fit import check_pipeline_names, fit_plan_to_format, unmapped_notes
+from loratools.formats import default_format, pipeline_names
 from loratools.hub import resolve_checkpoint
 from loratools.linalg import pooled_rel_error
-from loratools.names import matches, natural_key, short_list
+from loratools.names import natural_key, short_list
 from loratools.options import RankPolicy, Selection, SvdSettings
 from loratools.plan import LayerPair, Pairing, Plan, WholeTensor, plan_extract
 from loratools.progress import Progress
@@ -298,9 +298,9 @@ def start_pair(
     if fmt is None:
         fmt, format_reason = default_format(list(base_index.tensors), config)
     plan = plan_extract(base_index, tuned_index, selection=settings.selection)
-    _check_plan_format(plan, fmt, settings.selection, config, base)
+    fit_plan_to_format(plan, fmt, settings.selection, config, base)
     names = pipeline_names(list(base_index.tensors), config) if fmt != "peft" else None
-    _check_pipeline_names(plan, names, fmt)
+    check_pipeline_names(plan, names, fmt)
     out_dtype = resolve_dtype(settings.dtype, quantized=True) or _tuned_dtype(plan, tuned_index)
     summary = ExtractSummary(
         base=str(base), tuned=str(tuned), output=str(out), format=fmt, dtype=dtype_name(out_dtype),
@@ -344,7 +344,7 @@ def assemble_pair(job: PairExtraction, tuned_index: TensorIndex) -> ExtractResul
     adapter = result.adapter = _build_adapter(factors, _with_module_siblings(full, tuned_index), plan, job.base)
     _finish_summary(result, adapter, job.out_dtype)
     fmt = result.summary.format
-    _note_unmapped(result, adapter, job.names, fmt)
+    result.summary.notes.extend(unmapped_notes(adapter, job.names, fmt))
     if not adapter.modules and not adapter.full:
         raise LoratoolsError(
             f"{job.tuned}: no changed layers to extract against {job.base} ({result.unchanged} unchanged tensors,"
@@ -485,81 +485,6 @@ def extract_adapter(
     result.adapter = result.adapter.to(job.out_dtype)
     result.summary.seconds = time.perf_counter() - started
     return result
-
-
-def _check_plan_format(plan: Plan, format: str, selection: Selection = Selection(), config: dict | None = None,
-                       base: str | os.PathLike = "base") -> None:
-    """Fit the plan to what `format` can hold (kohya, diffusers: no embedding or Conv1D LoRAs; GGUF: the layers
-    llama.cpp takes as LoRA on this base; none of them whole tensors).
-
-    A layer the format cannot hold is compared whole instead of extracted: reported when changed (warning and
-    report), like a changed norm. It is an error only when the user named it with an ``--include`` pattern.
-    Whole tensors asked for (--save-full, --embeddings full) are refused.
-    """
-    if format == "peft":
-        return
-    refusals = _gguf_refusals(plan, config, base) if format == "gguf" else {
-        p.module: f"{p.kind}: {format} has no {p.kind} layout" for p in plan.pairs if p.kind in ("embedding", "conv1d")}
-    kept = []
-    for pair in plan.pairs:
-        if pair.module not in refusals:
-            kept.append(pair)
-            continue
-        pattern = matches(pair.tensor, selection.include) if selection.include else None
-        if pattern is not None:
-            raise FormatError(f"{pair.tensor}: {format} cannot hold it ({refusals[pair.module]}), but --include"
-                              f" {pattern!r} asks for it; use --format peft, or an --include pattern that leaves it out")
-        why = f"{refusals[pair.module]} (--format peft keeps it)"
-        plan.whole.append(WholeTensor(pair.tensor, pair.shape, False, why, left_out=True))
-    if len(kept) != len(plan.pairs):
-        plan.pairs = kept
-        plan.whole.sort(key=lambda w: natural_key(w.tensor))
-    saved = [w for w in plan.whole if w.save]
-    if saved:
-        raise FormatError(f"{saved[0].tensor}: {format} files cannot hold whole tensors (--save-full/--embeddings"
-                          " full); use --format peft")
-
-
-def _gguf_refusals(plan: Plan, config: dict | None, base: str | os.PathLike) -> dict[str, str]:
-    """Module -> why llama.cpp cannot take it as LoRA, for the planned pairs (`formats.gguf.gguf_refusal`)."""
-    if config is None:
-        raise FormatError(f"{base}: --format gguf needs the base model's config.json (llama.cpp's architecture and"
-                          " tensor names); pass a model folder as BASE")
-    layout = GgufBase.from_config(config, f"{base}/config.json")
-    names = gguf_tensor_names(layout)
-    refusals = {p.module: gguf_refusal(p.module, p.kind, layout, names) for p in plan.pairs}
-    return {module: why for module, why in refusals.items() if why is not None}
-
-
-def _unmapped(modules: list[str], names: dict[str, str] | None) -> list[str]:
-    """Original single-file modules that have no diffusers pipeline name."""
-    return [m for m in modules if names is not None and m not in names and m.startswith(tuple(ORIGINAL_NAMESPACES))]
-
-
-def _check_pipeline_names(plan: Plan, names: dict[str, str] | None, format: str) -> None:
-    odd = _unmapped([p.module for p in plan.pairs], names)
-    if format == "diffusers" and odd:
-        raise FormatError(f"{odd[0]}: no diffusers name for this original-layout layer ({len(odd)} such layers:"
-                          f" {short_list(odd)}); --exclude them, or use --format kohya")
-
-
-def _note_unmapped(result: ExtractResult, adapter: Adapter, names: dict[str, str] | None, format: str) -> None:
-    odd = _unmapped(list(adapter.modules), names)
-    if odd:
-        result.summary.notes.append(
-            f"{len(odd)} layer(s) have no diffusers name and keep their original kohya names, which diffusers'"
-            f" loader cannot map (A1111 and ComfyUI can): {short_list(odd)}"
-        )
-    if format != "kohya" or names is None:
-        return
-    for space in ("text_encoder.", "text_encoder_2."):  # diffusers reads kohya q/k/v keys only next to out_proj's
-        modules = [n for n in (names.get(m, m) for m in adapter.modules) if n.startswith(space)]
-        attention = [n for n in modules if n.endswith(("q_proj", "k_proj", "v_proj"))]
-        if attention and not any(n.endswith("out_proj") for n in modules):
-            result.summary.notes.append(
-                f"{space[:-1]}: attention LoRAs with none on out_proj ({short_list(attention)}): diffusers' kohya"
-                " loader refuses or drops them; add the out_proj layers, or use --format diffusers"
-            )
 
 
 def _tuned_dtype(plan: Plan, tuned: TensorIndex) -> torch.dtype:

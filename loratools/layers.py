@@ -24,8 +24,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     # Hugging Face model folders loaded with transformers (config, kind, model, tokenizer)
     ("formats and io", ("formats", "formats.*", "writer", "plan", "hf_model")),
     # adapter files in and out; adapter math on factors; ΔW streaming; adapter module <-> checkpoint tensor;
-    # structured modules as plain LoRA
-    ("adapter operations", ("adapter_files", "algebra", "deltas", "matching", "structured_convert")),
+    # structured modules as plain LoRA; an extraction fitted to its output format
+    ("adapter operations", ("adapter_files", "algebra", "deltas", "matching", "structured_convert", "format_fit")),
     # one module per command family: each opens its inputs, calls the layers below, writes, returns a result
     ("commands", ("extraction", "spectrum", "verify", "inspection", "merging", "adapter_commands", "plot",
                   "behaviour_metrics", "behaviour")),
