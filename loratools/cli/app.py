@@ -48,7 +48,8 @@ class LoratoolsGroup(click.Group):
 @click.version_option(__version__, "--version", prog_name="loratools")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 def cli(debug: bool) -> None:
-    """Extract, inspect, merge, combine, resize and convert LoRA adapters; export models and adapters to ONNX.
+    """Extract, inspect, merge, combine, resize and convert LoRA adapters (PEFT, kohya, diffusers, GGUF); export
+    models and adapters to ONNX and onnxruntime-genai bundles.
 
     Every command takes --json (the result as one JSON document on stdout) and -q/--quiet (no progress bar
     and no per-layer tables: the summary lines only). Warnings go to stderr.
