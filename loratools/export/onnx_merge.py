@@ -1,5 +1,5 @@
 """Merge adapters into an ONNX model exported elsewhere (Optimum, torch, onnxruntime-genai), without transformers:
-``loratools export-onnx --onnx model.onnx --base BASE -a ADAPTER [-w W]… -o merged.onnx``.
+``loratools merge-onnx model.onnx --base BASE -a ADAPTER [-w W]… -o merged.onnx``.
 
 Each tensor the adapters change (`merge.plan_merge` on BASE's checkpoint: W + Σ wᵢ·ΔWᵢ, the same as
 ``loratools merge``) is found among the graph's initializers, then replaced by the merged tensor in the
