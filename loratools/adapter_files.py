@@ -38,6 +38,7 @@ from loratools.formats import (
     render_kohya,
     render_peft,
 )
+from loratools.formats.gguf import BASE_MODEL_KEY, GgufBase, parse_gguf, render_gguf, write_gguf
 from loratools.formats.gguf_file import GGUF_MAGIC, read_gguf_header, read_gguf_tensor
 from loratools.version import __version__
 from loratools.writer import atomic_output, write_safetensors
@@ -103,8 +104,6 @@ def load_adapter(
     """
     weights, config_path = adapter_weights_path(Path(path))
     if is_gguf(weights):
-        from loratools.formats.gguf import GgufBase, parse_gguf
-
         header = read_gguf_header(weights)
         found = base_config(base)
         layout = GgufBase.from_config(*found) if found else None
@@ -201,8 +200,6 @@ GGUF_TYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}  # torch d
 
 
 def _write_gguf(adapter: Adapter, request: WriteRequest) -> None:
-    from loratools.formats.gguf import BASE_MODEL_KEY, GgufBase, render_gguf, write_gguf
-
     found = base_config(request.base if request.base is not None else adapter.base_model)
     if found is None:
         given = f"{request.base} has no config.json" if request.base is not None else "no --base given"
