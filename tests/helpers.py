@@ -7,9 +7,11 @@ Helpers that need an optional dependency (transformers, peft) skip the calling t
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -31,6 +33,15 @@ LLAMA_PEFT = FIXTURES / "llama-lora-peft"
 SD_BASE = FIXTURES / "sd-base.safetensors"
 SD_TUNED = FIXTURES / "sd-tuned.safetensors"
 SD_KOHYA = FIXTURES / "sd-lora-kohya.safetensors"
+
+
+def fixture_script(path: Path) -> ModuleType:
+    """A fixtures/make_*.py script loaded as a module (its builders are what the committed fixtures came from)."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---- random LoRA modules and adapters ----------------------------------------------------------------------------

@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from tests.helpers import FIXTURES
+from tests.helpers import FIXTURES, fixture_script
 
 SCRIPTS = sorted(FIXTURES.glob("make_*.py"))
 
 
 def test_every_committed_fixture_comes_from_a_script(tmp_path):
     for script in SCRIPTS:
-        spec = importlib.util.spec_from_file_location(script.stem, script)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.main(tmp_path)
+        fixture_script(script).main(tmp_path)
     made = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
     committed = sorted(p.relative_to(FIXTURES) for p in FIXTURES.rglob("*") if p.is_file() and p.suffix != ".py")
     assert made == committed

@@ -3,7 +3,6 @@ them (lycoris-lora's own weight computation, PEFT's merge_and_unload), and conve
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from loratools.adapter_files import load_adapter
 from loratools.errors import FormatError
 from loratools.formats import kohya_stem
 from loratools.structured_modules import LokrModule, structured_delta
-from tests.helpers import FIXTURES, run_cli
+from tests.helpers import FIXTURES, fixture_script, run_cli
 
 lycoris = pytest.importorskip("lycoris", reason="lycoris-lora (dev extra) is the judge for LyCORIS files")
 peft = pytest.importorskip("peft")
@@ -26,20 +25,12 @@ SD_LOHA = FIXTURES / "sd-loha-lycoris.safetensors"
 SD_LOKR = FIXTURES / "sd-lokr-lycoris.safetensors"
 
 
-def _fixture_script():
-    spec = importlib.util.spec_from_file_location("make_lycoris_fixtures", FIXTURES / "make_lycoris_fixtures.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def lycoris_deltas(path: Path) -> dict[str, torch.Tensor]:
     """LyCORIS's own ΔW (``get_weight``, what its forward adds) of every module of a kohya-style LyCORIS file,
     loaded by LyCORIS's loader onto the tiny SD model."""
     from lycoris import LycorisNetwork, create_lycoris_from_weights
 
-    model = _fixture_script().tiny_sd(SD_BASE)
+    model = fixture_script(FIXTURES / "make_lycoris_fixtures.py").tiny_sd(SD_BASE)
     deltas = {}
     for part, prefix in (("unet", "lora_unet"), ("text_encoder", "lora_te")):
         LycorisNetwork.apply_preset({"lora_prefix": prefix})
@@ -84,7 +75,7 @@ def test_lycoris_lokr_delta_equals_lycoris_own_weight():
     adapter = load_adapter(SD_LOKR)
     from lycoris import LycorisNetwork, create_lycoris_from_weights
 
-    model = _fixture_script().tiny_sd(SD_BASE)
+    model = fixture_script(FIXTURES / "make_lycoris_fixtures.py").tiny_sd(SD_BASE)
     LycorisNetwork.apply_preset({"lora_prefix": "lora_te"})
     network, _ = create_lycoris_from_weights(1.0, str(SD_LOKR), model.text_encoder)
     for module in network.loras:

@@ -6,7 +6,6 @@ the error the report gives."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from loratools.adapter_files import load_adapter
-from tests.helpers import FIXTURES, run_cli
+from tests.helpers import FIXTURES, fixture_script, run_cli
 
 diffusers = pytest.importorskip("diffusers")
 lycoris = pytest.importorskip("lycoris", reason="lycoris-lora (dev extra) is the judge for LyCORIS files")
@@ -22,14 +21,6 @@ lycoris = pytest.importorskip("lycoris", reason="lycoris-lora (dev extra) is the
 from tests.test_diffusers import SD1_UNET, SDPipe, fused, make_models  # noqa: E402
 
 RANK = 3  # below the exact rank of the LoHa linears (16) and of the LoKr convs: the truncation is real
-
-
-def _fixture_script():
-    spec = importlib.util.spec_from_file_location("make_lycoris_fixtures", FIXTURES / "make_lycoris_fixtures.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def lycoris_weights(path, unet) -> dict[str, torch.Tensor]:
@@ -50,7 +41,7 @@ def lycoris_weights(path, unet) -> dict[str, torch.Tensor]:
 def test_converted_unet_lycoris_loads_in_diffusers(tmp_path, algo, options):
     unet, text_encoder = make_models(SD1_UNET)
     unet.save_pretrained(tmp_path / "base")
-    state = _fixture_script().lycoris_state(unet, "lora_unet", torch.Generator().manual_seed(3), algo=algo, **options)
+    state = fixture_script(FIXTURES / "make_lycoris_fixtures.py").lycoris_state(unet, "lora_unet", torch.Generator().manual_seed(3), algo=algo, **options)
     save_file(state, str(tmp_path / "lycoris.safetensors"))
     judge = lycoris_weights(tmp_path / "lycoris.safetensors", unet)
 
