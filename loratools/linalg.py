@@ -89,16 +89,6 @@ def factor_spectrum(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> tor
     return (torch.linalg.svdvals(root_b @ root_a.T)[:k] * abs(scale)).float()
 
 
-def relative_error(target: torch.Tensor, approx: torch.Tensor) -> float:
-    """‖target − approx‖_F / ‖target‖_F in float64 (0 when both are zero, inf when only target is)."""
-    t, a = target.double(), approx.double()
-    norm = float(torch.linalg.vector_norm(t))
-    diff = float(torch.linalg.vector_norm(t - a))
-    if norm == 0:
-        return 0.0 if diff == 0 else math.inf
-    return diff / norm
-
-
 def pooled_rel_error(parts: Iterable[tuple[float, float]]) -> float:
     """The relative error of a set of layers taken as one vector: √(Σ residual² / Σ ‖ΔW‖²).
 

@@ -289,10 +289,6 @@ def structured_delta(module: StructuredModule, weight: torch.Tensor | None = Non
     return module.matrix(dtype) * multiplier
 
 
-def parameter_count(module: StructuredModule) -> int:
-    return sum(t.numel() for t in module.tensors())
-
-
 def fits(module: StructuredModule, shape: tuple[int, ...]) -> bool:
     """Whether `module` applies to a base weight of `shape` (flat factors fit a convolution of that size)."""
     return _fits(module.matrix_shape, module.base_shape, shape)
